@@ -1,0 +1,145 @@
+"""The iso-depth looped-transformer family as one frozen, validated config.
+
+Imports no torch: analysis and cluster planning build configs on machines without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+INJECTIONS = ("concat", "additive", "none", "diagonal", "hyperconnect")
+
+# Reference recipe of arXiv 2604.21106: effective depth 2 + 16 + 2, head dim 128.
+REFERENCE_PRELUDE = 2
+REFERENCE_REC_DEPTH = 16
+REFERENCE_CODA = 2
+REFERENCE_HEAD_DIM = 128
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+    raise ValueError(f"LoopedConfig.{field}: {problem}; {fix}")
+
+
+def reference_width(size: int) -> int:
+    """Width of the reference recipe for size s: d = ceil(64*s/128)*128."""
+    return math.ceil(64 * size / 128) * 128
+
+
+@dataclass(frozen=True)
+class LoopedConfig:
+    """Prelude of `n_prelude` unique blocks, a block of `n_rec_layers` layers run `r` times, a coda of `n_coda` blocks."""
+
+    vocab_size: int = 32064
+    d_model: int = 768
+    n_heads: int = 6
+    head_dim: int = 128
+    n_prelude: int = 2
+    n_rec_layers: int = 4
+    n_coda: int = 2
+    r: int = 4
+    injection: str = "concat"
+    hc_lanes: int = 2
+    bptt_k: int | None = None  # None: gradients through every recurrence
+    seq_len: int = 2048
+    softcap: float = 15.0
+    mlp_ratio: int = 4
+    # Huginn-style recurrence sampling during training: r ~ Poisson(lambda), log lambda ~ N(log mean - sigma^2/2, sigma).
+    sample_r_mean: float | None = None
+    sample_r_max: int | None = None
+    sample_r_sigma: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "head_dim", "n_rec_layers", "r", "seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, f"must be a positive integer, got {value!r}", "set it to an integer >= 1")
+        for name in ("n_prelude", "n_coda"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(name, f"must be a non-negative integer, got {value!r}", "set it to an integer >= 0")
+        if self.n_heads * self.head_dim != self.d_model:
+            _fail("n_heads", f"n_heads*head_dim = {self.n_heads}*{self.head_dim} != d_model = {self.d_model}",
+                  "choose n_heads = d_model // head_dim")
+        if self.head_dim % 2:
+            _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}", "use an even head_dim")
+        if self.injection not in INJECTIONS:
+            _fail("injection", f"unknown mode {self.injection!r}", f"use one of {', '.join(INJECTIONS)}")
+        if self.injection == "hyperconnect" and (not isinstance(self.hc_lanes, int) or self.hc_lanes < 1):
+            _fail("hc_lanes", f"must be an integer >= 1, got {self.hc_lanes!r}", "use e.g. hc_lanes=2")
+        if self.bptt_k is not None:
+            if not isinstance(self.bptt_k, int) or isinstance(self.bptt_k, bool) or self.bptt_k < 1:
+                _fail("bptt_k", f"must be None or an integer >= 1, got {self.bptt_k!r}", "use None for full backprop")
+            if self.bptt_k > self.r:
+                _fail("bptt_k", f"{self.bptt_k} exceeds r = {self.r}", "use bptt_k <= r (or None for full backprop)")
+            if self.injection == "hyperconnect":
+                _fail("bptt_k", "truncated backprop with hyperconnect is refused (as in the reference study)",
+                      "set bptt_k=None or use another injection")
+        if not (isinstance(self.softcap, (int, float)) and self.softcap >= 0):
+            _fail("softcap", f"must be >= 0 (0 disables), got {self.softcap!r}", "use e.g. 15.0")
+        if self.sample_r_mean is not None:
+            if not self.sample_r_mean > 0:
+                _fail("sample_r_mean", f"must be > 0, got {self.sample_r_mean!r}", "use None to disable sampling")
+            if self.sample_r_max is None or self.sample_r_max < 1:
+                _fail("sample_r_max", "must be an integer >= 1 when sample_r_mean is set", "cap it, e.g. 2*r")
+            if not self.sample_r_sigma > 0:
+                _fail("sample_r_sigma", f"must be > 0, got {self.sample_r_sigma!r}", "use e.g. 0.5")
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def effective_depth(self) -> int:
+        return self.n_prelude + self.r * self.n_rec_layers + self.n_coda
+
+    @property
+    def backprop_recurrences(self) -> int:
+        """k in the FLOP formula: recurrences that carry a backward pass."""
+        return self.r if self.bptt_k is None else self.bptt_k
+
+    @property
+    def recurrence_steps(self) -> int:
+        """Steps that own hyper-connection parameters (the most r any training step runs)."""
+        return max(self.r, self.sample_r_max or 0)
+
+    # ---- constructors --------------------------------------------------------------------------------------
+    @classmethod
+    def reference(cls, size: int, r: int, bptt_k: int | None = None, injection: str = "concat",
+                  vocab_size: int = 32064, seq_len: int = 2048, hc_lanes: int = 2, **overrides: Any) -> "LoopedConfig":
+        """Reference recipe: d = ceil(64*s/128)*128, head dim 128, depth 2 + (16/r) x r + 2; r=1 is plain (no injection)."""
+        if not isinstance(size, int) or size < 1:
+            _fail("size", f"must be a positive integer, got {size!r}", "use e.g. size=12")
+        if not isinstance(r, int) or r < 1 or REFERENCE_REC_DEPTH % r:
+            _fail("r", f"effective recurrent depth {REFERENCE_REC_DEPTH} is not divisible into a block for r={r!r}",
+                  "use r in {1, 2, 4, 8, 16}")
+        d = reference_width(size)
+        return cls(vocab_size=vocab_size, d_model=d, n_heads=d // REFERENCE_HEAD_DIM, head_dim=REFERENCE_HEAD_DIM,
+                   n_prelude=REFERENCE_PRELUDE, n_rec_layers=REFERENCE_REC_DEPTH // r, n_coda=REFERENCE_CODA, r=r,
+                   injection="none" if r == 1 else injection, hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len,
+                   **overrides)
+
+    @classmethod
+    def tiny(cls, r: int = 1, d_model: int = 64, rec_depth: int = 8, n_prelude: int = 1, n_coda: int = 1,
+             head_dim: int = 16, vocab_size: int = 1024, seq_len: int = 128, injection: str = "concat",
+             bptt_k: int | None = None, hc_lanes: int = 2, **overrides: Any) -> "LoopedConfig":
+        """The reference structure at CPU size: the recurrent depth `rec_depth` is split into r passes of rec_depth/r."""
+        if not isinstance(r, int) or r < 1 or rec_depth % r:
+            _fail("r", f"recurrent depth {rec_depth} is not divisible into a block for r={r!r}",
+                  f"use an r that divides {rec_depth}")
+        return cls(vocab_size=vocab_size, d_model=d_model, n_heads=d_model // head_dim, head_dim=head_dim,
+                   n_prelude=n_prelude, n_rec_layers=rec_depth // r, n_coda=n_coda, r=r,
+                   injection="none" if r == 1 else injection, hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len,
+                   **overrides)
+
+    def replace(self, **changes: Any) -> "LoopedConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoopedConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LoopedConfig: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
