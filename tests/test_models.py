@@ -232,3 +232,15 @@ def test_softcap_bounds_logits():
         logits, _ = model(torch.randint(0, 64, (1, 8)))
     assert logits.abs().max() <= cfg.softcap + 1e-4
     assert math.isclose(cfg.softcap, 15.0)
+
+
+@pytest.mark.parametrize("injection,bptt_k", [("concat", 2), ("hyperconnect", None), ("diagonal", None)])
+def test_compiles_as_one_graph_at_fixed_r(injection, bptt_k):
+    # fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C++ toolchain.
+    torch.manual_seed(0)
+    model = LoopedLM(LoopedConfig.tiny(r=4, injection=injection, bptt_k=bptt_k, vocab_size=64, seq_len=16))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = compiled(x, x)
+    loss.backward()
+    torch.testing.assert_close(loss, model(x, x)[1])
