@@ -1,0 +1,11 @@
+"""Fit, query and plot the looped-LM scaling law L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta.
+
+Only numpy/scipy/pandas/pyarrow are imported here; plotting (matplotlib) and design queries
+(models.accounting) load on first use.
+"""
+
+from .data import RunTable, load_epoch_chinchilla, load_runs
+from .fit import fit_law, fit_probe
+from .law import Estimate, ScalingLaw
+
+__all__ = ["Estimate", "RunTable", "ScalingLaw", "fit_law", "fit_probe", "load_epoch_chinchilla", "load_runs"]

@@ -1,0 +1,235 @@
+"""Reading runs into one normalised table: a results store, a Parquet/CSV file, a pyarrow Table or a DataFrame.
+
+Normalised columns: run (a label for messages), n_once, n_rec, r, tokens, val_loss, compute, budget
+(plus whatever else the source had). Only `completed` runs are fitted; every other row is kept in
+`excluded` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+REQUIRED = ("n_once", "n_rec", "r", "tokens", "val_loss")
+
+# Column names other tables use for the same quantities (Epoch's Chinchilla CSV among them).
+ALIASES: dict[str, str] = {
+    "Model Size": "params",
+    "N": "params",
+    "n": "params",
+    "n_params": "params",
+    "Training FLOP": "compute",
+    "C": "compute",
+    "flops": "compute",
+    "Training Tokens": "tokens",
+    "D": "tokens",
+    "loss": "val_loss",
+    "Loss": "val_loss",
+}
+
+
+@dataclass
+class RunTable:
+    frame: pd.DataFrame  # runs that enter the fit, normalised columns
+    excluded: list[dict[str, Any]] = field(default_factory=list)  # {"run": ..., "reason": ...}
+    budget_labels: dict[Any, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+def _read_source(source: Any) -> pd.DataFrame:
+    if isinstance(source, pd.DataFrame):
+        return source.copy()
+    if isinstance(source, pa.Table):
+        return source.to_pandas()
+    if isinstance(source, RunTable):
+        return source.frame.copy()
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"results must be a store path/URI, a .parquet/.csv file, a pyarrow.Table or a "
+                        f"pandas.DataFrame, got {type(source).__name__}")
+    text = str(source)
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+    else:
+        fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"results source {text!r} does not exist")
+    if info.type == pafs.FileType.File:
+        return _read_file(fs, path)
+    runs = path.rstrip("/") + "/runs"
+    folder = runs if fs.get_file_info(runs).type == pafs.FileType.Directory else path
+    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+                   if f.type == pafs.FileType.File and f.path.endswith((".parquet", ".csv"))
+                   and not Path(f.path).name.startswith((".", "_")))
+    if not files:
+        raise ValueError(f"no .parquet or .csv files under {folder!r}: is {text!r} a results store "
+                         f"(STORE/runs/<run_id>.parquet)?")
+    # One file per run, written by different versions maybe: concatenating frames tolerates
+    # schemas that differ in optional columns (a null `size` in one file, an int in another).
+    return pd.concat([_read_file(fs, f) for f in files], ignore_index=True)
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> pd.DataFrame:
+    with fs.open_input_file(path) as f:
+        if path.endswith(".csv"):
+            return pacsv.read_csv(f).to_pandas()
+        return pq.read_table(f).to_pandas()
+
+
+def _normalise_columns(df: pd.DataFrame) -> pd.DataFrame:
+    rename = {c: ALIASES[c] for c in df.columns if c in ALIASES and ALIASES[c] not in df.columns}
+    df = df.rename(columns=rename)
+    if "params" in df.columns and "n_once" not in df.columns:
+        # A dense table: every parameter is used once.
+        df["n_once"] = df["params"]
+        if "n_rec" not in df.columns:
+            df["n_rec"] = 0
+        if "r" not in df.columns:
+            df["r"] = 1
+    if "tokens" not in df.columns and "compute" in df.columns and "n_once" in df.columns and "n_rec" in df.columns:
+        # Chinchilla / Epoch convention D = C / (6 N); only for tables that give no token count.
+        r = df["r"] if "r" in df.columns else 1
+        df["tokens"] = df["compute"] / (6.0 * (df["n_once"] + r * df["n_rec"]))
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"results are missing column(s) {missing}; need {list(REQUIRED)} (a dense table may give "
+            f"`params`/`n`/`Model Size` instead of n_once/n_rec/r, and `compute`/`Training FLOP` instead of "
+            f"tokens, with D = C/(6N)); columns present: {list(df.columns)}")
+    return df
+
+
+def _run_labels(df: pd.DataFrame) -> pd.Series:
+    if "run_id" in df.columns:
+        ids = df["run_id"].astype(str)
+        if "name" in df.columns:  # training's readable name beside its content-hash id
+            named = df["name"].notna() & (df["name"].astype(str) != "")
+            return ids.where(~named, df["name"].astype(str) + " [" + ids + "]")
+        return ids
+    return pd.Series([f"row {i}" for i in range(len(df))], index=df.index)
+
+
+def _check_values(df: pd.DataFrame) -> None:
+    rules = {
+        "n_once": (lambda x: x > 0, "> 0"),
+        "n_rec": (lambda x: x >= 0, ">= 0"),
+        "r": (lambda x: x >= 1, ">= 1"),
+        "tokens": (lambda x: x > 0, "> 0"),
+        "val_loss": (lambda x: x > 0, "> 0"),
+    }
+    problems = []
+    for col, (ok, want) in rules.items():
+        values = pd.to_numeric(df[col], errors="coerce").astype(float)
+        bad = ~(np.isfinite(values) & ok(values))
+        if bad.any():
+            shown = ", ".join(f"{run}={v!r}" for run, v in zip(df.loc[bad, "run"].head(10), df.loc[bad, col].head(10)))
+            more = f" (and {int(bad.sum()) - 10} more)" if bad.sum() > 10 else ""
+            problems.append(f"{col} must be finite and {want}: {shown}{more}")
+    if problems:
+        raise ValueError("invalid values in completed runs; fix or drop these rows: " + "; ".join(problems))
+
+
+def _compute(df: pd.DataFrame) -> pd.Series:
+    if "compute" in df.columns and pd.to_numeric(df["compute"], errors="coerce").notna().all():
+        return pd.to_numeric(df["compute"]).astype(float)
+    if "flops_per_token" in df.columns and pd.to_numeric(df["flops_per_token"], errors="coerce").notna().all():
+        return pd.to_numeric(df["flops_per_token"]).astype(float) * df["tokens"]
+    # Without accounting, 6 FLOPs per parameter pass per token: used only to group budgets and plot.
+    return 6.0 * (df["n_once"] + df["r"] * df["n_rec"]) * df["tokens"]
+
+
+def _fmt_compute(c: float) -> str:
+    return f"{c:.3g}".replace("e+", "e")
+
+
+def budget_groups(compute: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Budget of each run: log10 compute rounded to the nearest third of a decade.
+
+    Sweeps space budgets by ~1/3 decade (1, 2.15, 4.64 x 10^k; Chinchilla's 1, 3, 6 x 10^k), so each
+    target lands in its own bucket, and a run a few percent off its target (integer step counts)
+    stays in it.
+    """
+    compute = np.asarray(compute, dtype=float)
+    groups = np.rint(3.0 * np.log10(compute)).astype(int)
+    labels = {int(k): _fmt_compute(float(np.median(compute[groups == k]))) for k in np.unique(groups)}
+    return groups, labels
+
+
+def load_runs(source: Any, *, variant: str | None = None, exclude_highest_loss: int = 0) -> RunTable:
+    """Read and validate runs; see the module docstring.
+
+    variant: keep only rows of this `variant`; required when the table mixes variants (a law fitted
+    across truncated-backprop and full-backprop runs would be meaningless).
+    exclude_highest_loss: drop the k completed runs with the highest loss (Epoch drops 5 on Chinchilla).
+    """
+    if int(exclude_highest_loss) != exclude_highest_loss or exclude_highest_loss < 0:
+        raise ValueError(f"exclude_highest_loss must be a non-negative integer, got {exclude_highest_loss!r}")
+    df = _normalise_columns(_read_source(source)).reset_index(drop=True)
+    df["run"] = _run_labels(df)
+    excluded: list[dict[str, Any]] = []
+
+    if "variant" in df.columns:
+        present = sorted(df["variant"].dropna().astype(str).unique().tolist())
+        if variant is None and len(present) > 1:
+            raise ValueError(f"the results mix variants {present}; choose one with variant=... "
+                             f"(CLI: --variant), fit each separately, or fit a probe against a baseline law")
+        if variant is not None:
+            if variant not in present:
+                raise ValueError(f"variant={variant!r} has no runs; variants present: {present}")
+            other = df["variant"].astype(str) != variant
+            excluded += [{"run": run, "reason": f"variant {v!r} (fitting {variant!r})"}
+                         for run, v in zip(df.loc[other, "run"], df.loc[other, "variant"])]
+            df = df[~other]
+    elif variant is not None:
+        raise ValueError(f"variant={variant!r} given but the results have no `variant` column")
+
+    if "status" in df.columns:
+        done = df["status"].astype(str) == "completed"
+        excluded += [{"run": run, "reason": f"status {s!r}"} for run, s in zip(df.loc[~done, "run"], df.loc[~done, "status"])]
+        df = df[done]
+
+    _check_values(df)
+    df = df.astype({c: float for c in REQUIRED})
+
+    if exclude_highest_loss:
+        if exclude_highest_loss >= len(df):
+            raise ValueError(f"exclude_highest_loss={exclude_highest_loss} would drop all {len(df)} runs")
+        worst = df["val_loss"].nlargest(int(exclude_highest_loss)).index
+        excluded += [{"run": run, "reason": f"among the {exclude_highest_loss} highest-loss runs (loss {loss:.4g})"}
+                     for run, loss in zip(df.loc[worst, "run"], df.loc[worst, "val_loss"])]
+        df = df.drop(index=worst)
+
+    df = df.reset_index(drop=True)
+    df["compute"] = _compute(df)
+    # The sweep's own budget label wins; then the FLOP target training recorded; else bucket the compute.
+    if "budget" not in df.columns and "budget_compute" in df.columns and len(df) and df["budget_compute"].notna().all():
+        df["budget"] = df["budget_compute"].astype(float)
+    if "budget" in df.columns and len(df) and df["budget"].notna().all():
+        labels = {b: (_fmt_compute(float(b)) if isinstance(b, (int, float, np.number)) else str(b))
+                  for b in df["budget"].unique()}
+    elif len(df):
+        groups, labels = budget_groups(df["compute"].to_numpy())
+        df["budget"] = groups
+    else:
+        labels = {}
+    return RunTable(frame=df, excluded=excluded, budget_labels=labels)
+
+
+def load_epoch_chinchilla(path: str | Path, exclude_highest_loss: int = 0) -> RunTable:
+    """Epoch AI's extraction of Chinchilla's runs (`Model Size`, `Training FLOP`, `loss`; D = C/(6N))."""
+    df = pd.read_csv(path)
+    missing = [c for c in ("Model Size", "Training FLOP", "loss") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path} lacks Epoch's column(s) {missing}")
+    df = df[["Model Size", "Training FLOP", "loss"]].dropna()
+    return load_runs(df, exclude_highest_loss=exclude_highest_loss)

@@ -1,0 +1,151 @@
+"""fit_law: runs in, ScalingLaw (with bootstrap intervals, R^2, extrapolation error) out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import engine
+from threadpoolctl import threadpool_limits
+from .data import RunTable, load_runs
+from .law import COEFFS, DEFAULT_LEVEL, ScalingLaw, derived_quantities, percentile_interval
+from .objective import DEFAULT_DELTA, I_A, I_B, I_E, I_PHI, N_PARAMS, PARAM_NAMES, FitData
+
+FORMS = ("auto", "looped", "dense")
+
+
+def theta_to_coeffs(theta: np.ndarray, dense: bool) -> dict[str, np.ndarray]:
+    """LSE-space (a, alpha, b, beta, e, phi) -> natural coefficients; works on (6,) and (k, 6)."""
+    t = np.asarray(theta, dtype=float)
+    return {"E": np.exp(t[..., I_E]), "A": np.exp(t[..., I_A]), "alpha": t[..., 1], "B": np.exp(t[..., I_B]),
+            "beta": t[..., 3], "phi": np.full(t.shape[:-1], np.nan) if dense else t[..., I_PHI]}
+
+
+def law_to_theta(law: ScalingLaw) -> np.ndarray:
+    return np.array([np.log(law.A), law.alpha, np.log(law.B), law.beta, np.log(law.E),
+                     0.0 if law.phi is None else law.phi])
+
+
+def _fit_data(table: RunTable) -> FitData:
+    f = table.frame
+    return FitData.from_arrays(f["n_once"], f["n_rec"], f["r"], f["tokens"], f["val_loss"])
+
+
+def _choose_spec(data: FitData, form: str, baseline: ScalingLaw | None, delta: float) -> tuple[str, engine.FitSpec]:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    r_values = sorted(set(np.unique(data.r).tolist()))
+    if baseline is not None:
+        if not isinstance(baseline, ScalingLaw):
+            raise TypeError(f"baseline must be a ScalingLaw, got {type(baseline).__name__}")
+        if not np.any((data.r > 1) & (data.n_rec > 0)):
+            raise ValueError("a probe fit needs runs with r > 1 and n_rec > 0: phi only acts on recurrent parameters")
+        free = tuple(i == I_PHI for i in range(N_PARAMS))
+        return "probe", engine.FitSpec(free=free, fixed=tuple(law_to_theta(baseline)), delta=delta)
+    if form == "auto":
+        form = "dense" if r_values == [1.0] or not np.any(data.n_rec > 0) else "looped"
+    if form == "looped" and len(r_values) < 2:
+        raise ValueError(f"phi is not identifiable: every run has r={r_values[0]:g}, so r^phi is one constant "
+                         f"absorbed into A. Add runs at a second r value, or fit form='dense'")
+    if form == "looped" and not np.any(data.n_rec > 0):
+        raise ValueError("phi is not identifiable: no run has recurrent parameters (n_rec > 0); fit form='dense'")
+    dense = form == "dense"
+    free = tuple(not (dense and i == I_PHI) for i in range(N_PARAMS))
+    return form, engine.FitSpec(free=free, fixed=(0.0,) * N_PARAMS, delta=delta)
+
+
+def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: str = "auto",
+            variant: str | None = None, baseline: ScalingLaw | None = None, exclude_highest_loss: int = 0,
+            delta: float = DEFAULT_DELTA, start_grid: dict[str, tuple[float, ...]] | None = None,
+            n_starts: int | None = engine.DEFAULT_N_STARTS, n_jobs: int | None = None,
+            extrapolation: bool = True, level: float = DEFAULT_LEVEL) -> ScalingLaw:
+    """Fit L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta (or the dense form) to finished runs.
+
+    results: a results store (folder or pyarrow.fs URI), a .parquet/.csv file, a pyarrow.Table, a
+        pandas.DataFrame (columns n_once, n_rec, r, tokens, val_loss; or a dense `params` column) or a
+        RunTable from analysis.load_runs.
+    bootstrap: resamples of the runs for percentile intervals (0 = none).
+    form: "looped", "dense" (phi absent, N = N_once + N_rec) or "auto" (dense when every run has r=1).
+    variant: fit only the runs of this variant.
+    baseline: a fitted law; when given, only phi is refitted (a probe, e.g. truncated backprop) with
+        every other coefficient held at the baseline's values.
+    exclude_highest_loss: drop the k highest-loss runs (Epoch's handling of Chinchilla: 5).
+    start_grid: overrides of engine.EPOCH_GRID values per parameter name (a, alpha, b, beta, e, phi).
+    n_starts: L-BFGS-B runs from the best-screened grid points (None = every grid point).
+    n_jobs: processes for the bootstrap (default: the CPUs this process may use).
+    extrapolation: compute the leave-one-budget-out extrapolation error.
+    """
+    t0 = time.perf_counter()
+    if int(bootstrap) != bootstrap or bootstrap < 0:
+        raise ValueError(f"bootstrap must be a non-negative integer, got {bootstrap!r}")
+    if n_starts is not None and n_starts < 1:
+        raise ValueError(f"n_starts must be >= 1 or None (all grid points), got {n_starts!r}")
+    if isinstance(results, RunTable):
+        table = results
+    else:
+        table = load_runs(results, variant=variant, exclude_highest_loss=exclude_highest_loss)
+    data = _fit_data(table)
+    if len(data) == 0:
+        raise ValueError("no completed runs to fit" + (f"; excluded: {table.excluded[:5]}" if table.excluded else ""))
+    kind, spec = _choose_spec(data, form, baseline, delta)
+    dense = kind == "dense"
+    if len(data) < spec.n_free + 1:
+        raise ValueError(f"too few runs: {len(data)} completed run(s) for {spec.n_free} free parameters "
+                         f"({kind} form); need at least {spec.n_free + 1}")
+
+    with threadpool_limits(limits=1, user_api="blas"):  # BLAS thread wake-ups cost ~50x per tiny L-BFGS-B solve
+        opt = engine.multistart(data, spec, engine.start_grid(spec, start_grid), n_starts=n_starts)
+        draws_theta = engine.bootstrap(data, spec, opt, int(bootstrap), seed=seed, n_jobs=n_jobs)
+        loo = None
+        if extrapolation and table.frame["budget"].nunique() >= 2:
+            loo = engine.leave_one_budget_out(data, spec, opt, table.frame["budget"].to_numpy(), table.budget_labels)
+    ok = np.all(np.isfinite(draws_theta), axis=1)
+
+    point = {k: float(v) for k, v in theta_to_coeffs(opt.theta, dense).items()}
+    draw_coeffs = theta_to_coeffs(draws_theta[ok], dense)
+    free_names = {"a": "A", "b": "B", "e": "E"}
+    varied = [free_names.get(PARAM_NAMES[i], PARAM_NAMES[i]) for i in range(N_PARAMS) if spec.free[i]]
+    ci: dict[str, tuple[float, float]] = {}
+    if ok.sum() >= 2:
+        for k in COEFFS:
+            if k in varied:
+                lo, hi = percentile_interval(draw_coeffs[k], level)
+                ci[k] = (float(lo), float(hi))
+        derived = derived_quantities(draw_coeffs)
+        for k, v in derived.items():
+            if kind != "probe" or k.startswith("rec_multiplier"):
+                lo, hi = percentile_interval(v, level)
+                ci[k] = (float(lo), float(hi))
+
+    meta = {
+        "form": kind if kind != "probe" else "looped",
+        "probe": kind == "probe",
+        "delta": delta,
+        "objective": opt.fun,
+        "n_bootstrap": int(bootstrap),
+        "n_bootstrap_failed": int((~ok).sum()),
+        "level": level,
+        "seed": seed,
+        "n_starts": n_starts,
+        "local_optima": len(opt.candidates),
+        "variant": variant,
+        "exclude_highest_loss": sum("highest-loss" in e["reason"] for e in table.excluded),
+        "r_values": sorted(set(np.unique(data.r).astype(float).tolist())),
+        "fit_seconds": round(time.perf_counter() - t0, 3),
+        "parameterisation": "log L = LSE(a - alpha*log N_eff, b - beta*log D, e); Huber(delta) on log residuals, summed",
+    }
+    if kind == "probe":
+        meta["baseline"] = baseline.coefficients
+        meta["note"] = "probe: only phi refitted; other coefficients held at the baseline, so intervals reflect phi alone"
+    draws = np.column_stack([draw_coeffs[k] for k in COEFFS]) if ok.any() else None
+    return ScalingLaw(E=point["E"], A=point["A"], alpha=point["alpha"], B=point["B"], beta=point["beta"],
+                      phi=None if dense else point["phi"], ci=ci, r2=engine.r_squared(opt.theta, data),
+                      n_runs=len(data), loo=loo, excluded=list(table.excluded), draws=draws, meta=meta)
+
+
+def fit_probe(results: Any, baseline: ScalingLaw, variant: str | None = None, bootstrap: int = 1000,
+              seed: int | None = 0, **kwargs) -> ScalingLaw:
+    """Refit only phi for a variant (truncated backprop, hyper-connections) against a baseline law."""
+    return fit_law(results, bootstrap=bootstrap, seed=seed, variant=variant, baseline=baseline, **kwargs)

@@ -1,0 +1,143 @@
+"""The fitting objective: Huber loss on log-loss residuals of the log-sum-exp law, with its exact gradient.
+
+Parameter vector (always this order, in LSE space):
+    theta = (a, alpha, b, beta, e, phi)
+    log L_hat = LSE(a - alpha * log N_eff, b - beta * log D, e),   N_eff = N_once + r^phi * N_rec
+so A = exp(a), B = exp(b), E = exp(e). The dense form is the same objective with phi held at 0
+(N_eff = N_once + N_rec, the unique parameters); a probe fit holds everything but phi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PARAM_NAMES: tuple[str, ...] = ("a", "alpha", "b", "beta", "e", "phi")
+N_PARAMS = len(PARAM_NAMES)
+I_A, I_ALPHA, I_B, I_BETA, I_E, I_PHI = range(N_PARAMS)
+
+DEFAULT_DELTA = 1e-3
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Arrays one fit needs, all float64 of equal length (one entry per run)."""
+
+    n_once: np.ndarray
+    n_rec: np.ndarray
+    r: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, n_once, n_rec, r, tokens, loss) -> "FitData":
+        arrays = [np.ascontiguousarray(np.asarray(x, dtype=np.float64)).reshape(-1) for x in (n_once, n_rec, r, tokens, loss)]
+        n = {len(x) for x in arrays}
+        if len(n) != 1:
+            raise ValueError(f"FitData arrays must have equal lengths, got {[len(x) for x in arrays]}")
+        return cls(*arrays)
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def subset(self, index) -> "FitData":
+        return FitData(self.n_once[index], self.n_rec[index], self.r[index], self.tokens[index], self.loss[index])
+
+
+def huber(res: np.ndarray, delta: float) -> np.ndarray:
+    """0.5*x^2 inside [-delta, delta], delta*(|x| - delta/2) outside (same as scipy.special.huber)."""
+    ares = np.abs(res)
+    inside = np.maximum(delta - ares, 0.0)
+    return delta * (ares - 0.5 * delta) + 0.5 * inside * inside
+
+
+def log_predict(theta: np.ndarray, data: FitData) -> np.ndarray:
+    """log L_hat for every run; theta may also be a (k, 6) stack giving a (k, n) result."""
+    theta = np.asarray(theta, dtype=np.float64)
+    t = theta[..., None] if theta.ndim == 2 else theta
+    a, alpha, b, beta, e, phi = (t[..., i, :] if theta.ndim == 2 else t[i] for i in range(N_PARAMS))
+    n_eff = data.n_once + np.exp(phi * np.log(data.r)) * data.n_rec
+    t1 = a - alpha * np.log(n_eff)
+    t2 = b - beta * np.log(data.tokens)
+    t3 = np.broadcast_to(e, np.broadcast_shapes(np.shape(t1), np.shape(t2)))
+    return np.logaddexp(np.logaddexp(t1, t2), t3)
+
+
+def objective_values(thetas: np.ndarray, data: FitData, delta: float = DEFAULT_DELTA) -> np.ndarray:
+    """Objective at many parameter vectors at once (k, 6) -> (k,): used to screen the start grid."""
+    thetas = np.atleast_2d(thetas)
+    y = np.log(data.loss)
+    # Chunked so a large grid over many runs never builds a multi-GB (starts x runs) temporary.
+    step = max(1, 2_000_000 // max(1, len(y)))
+    out = np.concatenate([huber(log_predict(thetas[i:i + step], data) - y, delta).sum(axis=-1)
+                          for i in range(0, len(thetas), step)])
+    return np.where(np.isfinite(out), out, np.inf)
+
+
+class Objective:
+    """f(x), grad f(x) of the summed Huber loss for the free entries x of theta.
+
+    `weights` are per-run multiplicities: a bootstrap resample is the same data with multinomial
+    counts, which is cheaper than materialising the resampled rows.
+    """
+
+    def __init__(self, data: FitData, free: np.ndarray, fixed: np.ndarray, delta: float = DEFAULT_DELTA,
+                 weights: np.ndarray | None = None):
+        self.free = np.asarray(free, dtype=bool)
+        self.theta = np.asarray(fixed, dtype=np.float64).copy()
+        self.delta = float(delta)
+        w = np.ones(len(data)) if weights is None else np.asarray(weights, dtype=np.float64)
+        keep = w > 0  # rows a resample left out cost nothing; dropping them makes each call cheaper
+        self.w = w[keep]
+        self.y = np.log(data.loss[keep])
+        self.log_d = np.log(data.tokens[keep])
+        self.n_once = data.n_once[keep]
+        self.n_rec = data.n_rec[keep]
+        self.log_r = np.log(data.r[keep])
+        self.phi_free = bool(self.free[I_PHI])
+        if not self.phi_free:
+            # phi held: N_eff is a constant of the data, so its log is computed once.
+            self.log_n = np.log(self.n_once + np.exp(self.theta[I_PHI] * self.log_r) * self.n_rec)
+
+    def full(self, x: np.ndarray) -> np.ndarray:
+        theta = self.theta.copy()
+        theta[self.free] = x
+        return theta
+
+    def __call__(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        theta = self.theta
+        theta[self.free] = x
+        a, alpha, b, beta, e, phi = theta
+        if self.phi_free:
+            rp_nrec = np.exp(phi * self.log_r) * self.n_rec
+            n_eff = self.n_once + rp_nrec
+            log_n = np.log(n_eff)
+        else:
+            log_n = self.log_n
+        t1 = a - alpha * log_n
+        t2 = b - beta * self.log_d
+        m = np.maximum(np.maximum(t1, t2), e)
+        e1 = np.exp(t1 - m)
+        e2 = np.exp(t2 - m)
+        e3 = np.exp(e - m)
+        s = e1 + e2 + e3
+        res = m + np.log(s) - self.y
+        f = float(self.w @ huber(res, self.delta))
+        # d huber / d res = clip(res, -delta, delta); d LSE / d term_i = softmax weight p_i.
+        g = self.w * np.clip(res, -self.delta, self.delta) / s
+        g1 = g * e1
+        g2 = g * e2
+        grad = np.empty(N_PARAMS)
+        grad[I_A] = g1.sum()
+        grad[I_ALPHA] = -(g1 @ log_n)
+        grad[I_B] = g2.sum()
+        grad[I_BETA] = -(g2 @ self.log_d)
+        grad[I_E] = (g * e3).sum()
+        if self.phi_free:
+            grad[I_PHI] = -alpha * (g1 @ (rp_nrec * self.log_r / n_eff))
+        else:
+            grad[I_PHI] = 0.0
+        if not np.isfinite(f):
+            return np.inf, np.zeros(int(self.free.sum()))
+        return f, grad[self.free]

@@ -1,0 +1,167 @@
+"""Figures of a fit: loss vs compute per r, IsoFLOP profiles, phi's bootstrap distribution, residuals.
+
+The law's curves need, for each r, how FLOPs per token and the once/recurrent split grow with model
+size. That is read off the runs themselves (a log-log line of F against unique parameters per r, and
+the median N_rec share), so any store can be plotted without knowing the model family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import RunTable
+from .law import ScalingLaw
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class _FamilyOfR:
+    """F(N_unique) and N_rec share for one r, fitted to that r's runs."""
+
+    def __init__(self, frame, r: float):
+        rows = frame[frame["r"] == r]
+        n = (rows["n_once"] + rows["n_rec"]).to_numpy(float)
+        f = (rows["compute"] / rows["tokens"]).to_numpy(float)
+        self.rec_share = float(np.median(rows["n_rec"] / (rows["n_once"] + rows["n_rec"])))
+        if len(np.unique(n)) >= 2:
+            self.slope, self.icept = np.polyfit(np.log(n), np.log(f), 1)
+        else:  # one size only: F proportional to N through that point
+            self.slope, self.icept = 1.0, float(np.log(f[0] / n[0]))
+        self.n_range = (float(n.min()), float(n.max()))
+        self.r = r
+
+    def flops_per_token(self, n_unique):
+        return np.exp(self.icept + self.slope * np.log(n_unique))
+
+    def loss_at_compute(self, law: ScalingLaw, n_unique, compute):
+        n_unique = np.asarray(n_unique, float)
+        tokens = compute / self.flops_per_token(n_unique)
+        return law.predict(n_unique * (1 - self.rec_share), n_unique * self.rec_share, self.r, tokens)
+
+
+def _colors(values):
+    plt = _pyplot()
+    cmap = plt.get_cmap("viridis")
+    vals = sorted(values)
+    return {v: cmap(i / max(1, len(vals) - 1)) for i, v in enumerate(vals)}
+
+
+def plot_loss_vs_compute(table: RunTable, law: ScalingLaw, path: Path) -> Path:
+    plt = _pyplot()
+    f = table.frame
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = _colors(f["r"].unique())
+    c_grid = np.geomspace(f["compute"].min() / 1.5, f["compute"].max() * 1.5, 40)
+    for r, color in colors.items():
+        rows = f[f["r"] == r]
+        ax.scatter(rows["compute"], rows["val_loss"], s=14, color=color, alpha=0.7, label=f"r={r:g} runs")
+        fam = _FamilyOfR(f, r)
+        n_grid = np.geomspace(fam.n_range[0] / 4, fam.n_range[1] * 4, 200)
+        frontier = [np.min(fam.loss_at_compute(law, n_grid, c)) for c in c_grid]
+        ax.plot(c_grid, frontier, color=color, lw=1.5, label=f"r={r:g} law (compute-optimal)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title("Loss vs compute, fitted law per r")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_isoflop(table: RunTable, law: ScalingLaw, path: Path) -> Path:
+    plt = _pyplot()
+    f = table.frame
+    r_values = sorted(f["r"].unique())
+    fig, axes = plt.subplots(1, len(r_values), figsize=(4.2 * len(r_values), 4), sharey=True, squeeze=False)
+    budgets = sorted(f["budget"].unique(), key=lambda b: f.loc[f["budget"] == b, "compute"].median())
+    colors = {b: c for b, c in zip(budgets, _colors(range(len(budgets))).values())}
+    for ax, r in zip(axes[0], r_values):
+        fam = _FamilyOfR(f, r)
+        for b in budgets:
+            rows = f[(f["r"] == r) & (f["budget"] == b)]
+            if rows.empty:
+                continue
+            n = rows["n_once"] + rows["n_rec"]
+            label = table.budget_labels.get(b, str(b))
+            ax.scatter(n, rows["val_loss"], s=16, color=colors[b], label=f"C={label}")
+            n_grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 80)
+            ax.plot(n_grid, fam.loss_at_compute(law, n_grid, rows["compute"].median()), color=colors[b], lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("unique parameters N_once + N_rec")
+        ax.set_title(f"IsoFLOP profiles, r={r:g}")
+    axes[0][0].set_ylabel("validation loss (nats)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_phi_bootstrap(law: ScalingLaw, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draws = law.draws[:, 5] if law.draws is not None else np.array([])
+    draws = draws[np.isfinite(draws)]
+    if law.phi is None or len(draws) == 0:
+        reason = "dense form: no phi" if law.phi is None else "no bootstrap draws (fit with bootstrap > 0)"
+        ax.text(0.5, 0.5, reason, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        ax.hist(draws, bins=min(50, max(10, len(draws) // 20)), color="tab:blue", alpha=0.75)
+        ax.axvline(law.phi, color="k", lw=1.5, label=f"phi = {law.phi:.3f}")
+        if "phi" in law.ci:
+            lo, hi = law.ci["phi"]
+            for x in (lo, hi):
+                ax.axvline(x, color="k", ls="--", lw=1)
+            ax.set_title(f"phi bootstrap ({len(draws)} draws), 95% CI [{lo:.3f}, {hi:.3f}]")
+        ax.set_xlabel("phi")
+        ax.set_ylabel("draws")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_residuals(table: RunTable, law: ScalingLaw, path: Path) -> Path:
+    plt = _pyplot()
+    f = table.frame
+    pred = np.asarray(law.predict(f["n_once"], f["n_rec"], f["r"], f["tokens"]), float)
+    rel = f["val_loss"].to_numpy(float) / pred - 1.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, color in _colors(f["r"].unique()).items():
+        m = (f["r"] == r).to_numpy()
+        ax.scatter(f["compute"][m], 100 * rel[m], s=14, color=color, label=f"r={r:g}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("residual: actual / predicted - 1 (%)")
+    ax.set_title("Residuals of the fitted law")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_all(table: RunTable, law: ScalingLaw, out_dir: str | Path) -> list[Path]:
+    """Write every figure as PNG under out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_loss_vs_compute(table, law, out / "loss_vs_compute.png"),
+        plot_isoflop(table, law, out / "isoflop.png"),
+        plot_phi_bootstrap(law, out / "phi_bootstrap.png"),
+        plot_residuals(table, law, out / "residuals.png"),
+    ]
