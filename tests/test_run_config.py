@@ -1,0 +1,96 @@
+"""The run config: YAML loading, run ids, budgets, and validation errors that name the field (no Ray)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.accounting import flops_per_token
+from models.config import LoopedConfig
+from training.config import OptimConfig, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "training" / "configs" / "tiny.yaml"
+
+
+def _base(**kw):
+    d = {"model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
+         "budget": {"tokens": 1024 * 30}, "batch_tokens": 1024, "micro_batch": 4,
+         "resources": {"num_workers": 2, "cpus_per_worker": 0.5}, "val_tokens": 1024}
+    d.update(kw)
+    return d
+
+
+def test_tiny_yaml_loads_and_round_trips():
+    cfg = RunConfig.from_yaml(TINY)
+    assert cfg.model == LoopedConfig.tiny(r=2, d_model=64, seq_len=128, vocab_size=1024)
+    assert (cfg.num_workers, cfg.zero_stage, cfg.data) == (2, 2, "default")
+    assert cfg.grad_accum == 2 and cfg.steps == 40
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.run_id == cfg.run_id
+    assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_reference_family_and_compute_budget():
+    cfg = RunConfig.from_dict(_base(model={"family": "reference", "size": 12, "r": 4, "seq_len": 64},
+                                    budget={"compute": "1e13"}))
+    assert cfg.size == 12 and cfg.model.d_model == 768 and cfg.model.n_rec_layers == 4
+    f = flops_per_token(cfg.model)
+    assert cfg.flops_per_token == f
+    assert cfg.steps == round(1e13 / (f * 1024)) and cfg.train_tokens == cfg.steps * 1024
+
+
+def test_run_id_ignores_labels_and_storage_but_not_training():
+    cfg = RunConfig.from_dict(_base())
+    assert cfg.replace(name="x", sweep="y", variant="z", storage="/elsewhere", max_failures=5).run_id == cfg.run_id
+    assert cfg.replace(optim={"lr": 1e-2}).run_id != cfg.run_id
+    assert cfg.replace(model={"r": 4}).run_id != cfg.run_id
+    assert cfg.replace(seed=1).run_id != cfg.run_id
+    assert cfg.replace(zero_stage=3).run_id != cfg.run_id
+    assert cfg.replace(compute=1e12).tokens is None  # one budget replaces the other
+
+
+def test_lr_schedule_is_warmup_free_linear_to_ten_percent():
+    o = OptimConfig(lr=1.0)
+    assert o.lr_multiplier(0, 11) == 1.0
+    assert o.lr_multiplier(10, 11) == pytest.approx(0.1)
+    assert o.lr_multiplier(5, 11) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"budget": {"tokens": 1000, "compute": 1e12}}, "budget"),
+    ({"budget": {}}, "budget"),
+    ({"zero_stage": 4}, "zero_stage"),
+    ({"batch_tokens": 1000}, "batch_tokens"),
+    ({"micro_batch": 0}, "micro_batch"),
+    ({"optim": {"lr": -1}}, "optim.lr"),
+    ({"optim": {"learning_rate": 1e-3}}, "optim.learning_rate"),
+    ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+    ({"spike_factor": 0.5}, "spike_factor"),
+    ({"epochs": 3}, "epochs"),
+    ({"model": {"family": "tiny", "r": 3}}, "r"),
+    ({"model": {"family": "giant"}}, "model.family"),
+    ({"model": {"family": "explicit", "d_model": 64, "n_heads": 3, "head_dim": 16}}, "n_heads"),
+    ({"budget": {"tokens": 10}}, "budget"),
+])
+def test_bad_config_names_the_field(change, field):
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_dict(_base(**change))
+    assert field in str(info.value)
+
+
+def test_cli_rejects_bad_config_before_ray(tmp_path):
+    bad = _base(zero_stage=7)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([sys.executable, "-m", "training.run", "--config", str(path), "--storage", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "zero_stage" in proc.stderr and "Started a local Ray" not in proc.stderr + proc.stdout
+    missing_data = _base(data=str(tmp_path / "nowhere"))
+    path.write_text(yaml.safe_dump(missing_data))
+    proc = subprocess.run([sys.executable, "-m", "training.run", "--config", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data:" in proc.stderr
+    assert not list(tmp_path.glob("ray")), "nothing may be written for a config that fails validation"

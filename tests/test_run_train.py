@@ -1,0 +1,198 @@
+"""End to end on a real local Ray cluster with real DeepSpeed (CPU, gloo): train, record, resume, diverge."""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import json
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from models.accounting import flops_per_token, param_counts
+from training import results_store
+from training.config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_cfg(storage, **changes) -> RunConfig:
+    cfg = RunConfig.from_dict({
+        "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
+        "optim": {"lr": 3e-3, "embed_lr_mult": 10.0},
+        "budget": {"tokens": 1024 * 40}, "batch_tokens": 1024, "micro_batch": 4, "zero_stage": 2,
+        "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "eval_every": 10, "checkpoint_every": 10, "val_tokens": 2048, "max_failures": 1,
+        "storage": str(storage), "name": "test",
+    })
+    return cfg.replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tmp_path_factory):
+    from training.run import execute
+
+    storage = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_cfg(storage)
+    return cfg, execute(cfg)
+
+
+def test_zero2_run_trains_and_records_its_row(baseline):
+    from training.run import execute
+
+    cfg, row = baseline
+    assert row["status"] == "completed", row.get("error")
+    curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
+    assert curve.step.tolist() == [0, 10, 20, 30, 40]
+    assert row["val_loss"] == curve.val_loss.iloc[-1]
+    assert row["val_loss"] < curve.val_loss.iloc[0] - 0.5, "validation loss must fall from the untrained model's"
+    counts = param_counts(cfg.model)
+    assert (row["n_once"], row["n_rec"], row["n_embed"]) == (counts.n_once, counts.n_rec, counts.n_embed)
+    assert row["flops_per_token"] == flops_per_token(cfg.model)
+    assert row["tokens"] == 40 * 1024 and row["steps"] == 40
+    assert row["compute"] == pytest.approx(flops_per_token(cfg.model) * 40 * 1024)
+    assert row["bptt_k"] == 2 and row["r"] == 2 and row["restarts"] == 0
+    assert 0 < row["val_bpb"] < row["val_loss"] * 2 and row["tokens_per_second"] > 0 and row["mfu"] > 0
+    stored = pd.read_parquet(f"{cfg.storage}/runs")
+    assert len(stored) == 1 and stored.run_id[0] == cfg.run_id
+    events = list(Path(cfg.storage, "tensorboard", cfg.run_id).glob("events.out.tfevents.*"))
+    assert events, "rank 0 writes TensorBoard scalars under STORAGE/tensorboard/<run_id>"
+    # a second execute of the same config returns the stored row instead of training again
+    again = execute(cfg.replace(name="renamed"))
+    assert again["finished_at"] == row["finished_at"] and len(pd.read_parquet(f"{cfg.storage}/runs")) == 1
+
+
+def test_tensorboard_scalars(baseline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _ = baseline
+    acc = EventAccumulator(str(Path(cfg.storage, "tensorboard", cfg.run_id)))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens_per_second", "mfu",
+            "state_norm/r0", "state_norm/r1"} <= tags
+    assert len(acc.Scalars("train/loss")) == 40
+
+
+def test_zero3_runs(ray_cluster, tmp_path):
+    from training.run import execute
+
+    cfg = tiny_cfg(tmp_path, zero_stage=3, tokens=1024 * 20)
+    row = execute(cfg)
+    assert row["status"] == "completed", row.get("error")
+    curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
+    assert row["val_loss"] < curve.val_loss.iloc[0] - 0.3
+
+
+def _train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes of the cluster this test process started (its descendants only)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: dict, deadline: float) -> None:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):
+            state = {}
+        latest = state.get("latest_checkpoint_result")
+        if latest and not latest["metrics"]["done"]:
+            workers = _train_workers()
+            if workers:
+                killed["pid"], killed["at_step"] = workers[-1].pid, latest["metrics"]["step"]
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return
+        time.sleep(0.05)
+
+
+def test_killed_worker_resumes_exactly_from_checkpoint(baseline, tmp_path):
+    from training.run import execute
+
+    base_cfg, base_row = baseline
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.run_id == base_cfg.run_id
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "ray" / cfg.run_id, killed, time.time() + 300), daemon=True)
+    killer.start()
+    row = execute(cfg)
+    killer.join(timeout=1)
+    assert killed, "the test never saw a checkpoint to kill after"
+    assert row["status"] == "completed", row.get("error")
+    assert row["restarts"] >= 1, "the worker group must have restarted from a checkpoint"
+    assert len(pd.read_parquet(f"{cfg.storage}/runs")) == 1
+    curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
+    assert curve.step.tolist() == [0, 10, 20, 30, 40]
+    # same data position, LR schedule, optimizer state and RNG after resume => the same numbers as uninterrupted
+    base_curve = results_store.read_curve(base_cfg.storage, base_cfg.run_id).to_pandas()
+    assert curve.val_loss.tolist() == pytest.approx(base_curve.val_loss.tolist(), rel=1e-5)
+    assert row["val_loss"] == pytest.approx(base_row["val_loss"], rel=1e-5)
+
+
+def test_failure_beyond_max_failures_is_recorded_then_retried(ray_cluster, tmp_path):
+    from training.run import execute
+
+    cfg = tiny_cfg(tmp_path, max_failures=0, tokens=1024 * 20)
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "ray" / cfg.run_id, killed, time.time() + 300), daemon=True)
+    killer.start()
+    row = execute(cfg)
+    killer.join(timeout=1)
+    assert killed and row["status"] == "failed" and row["error"]
+    assert results_store.read_run(cfg.storage, cfg.run_id)["status"] == "failed"
+    # a failure is the infrastructure's, not a result: executing again trains (resuming) and replaces the row
+    row = execute(cfg)
+    assert row["status"] == "completed", row.get("error")
+    runs = pd.read_parquet(f"{cfg.storage}/runs")
+    assert len(runs) == 1 and runs.status[0] == "completed"
+
+
+def test_absurd_lr_ends_as_diverged(ray_cluster, tmp_path):
+    from training.run import execute
+
+    cfg = tiny_cfg(tmp_path, optim={"lr": 1e4, "grad_clip": 0.0}, tokens=1024 * 20)
+    row = execute(cfg)
+    assert row["status"] == "diverged"
+    assert row["steps"] < 20 and math.isnan(row["val_loss"]) and "loss" in row["error"]
+    assert results_store.has_run(cfg.storage, cfg.run_id)
+
+
+def test_cli_runs_tiny_yaml(tmp_path):
+    """The shipped tiny config through the command line, on a local Ray the command starts itself."""
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "training.run", "--config", "training/configs/tiny.yaml",
+                           "--storage", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = pd.read_parquet(tmp_path / "runs")
+    assert len(runs) == 1 and runs.status[0] == "completed"
+    assert runs.val_loss[0] < math.log(1024)

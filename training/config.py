@@ -1,0 +1,332 @@
+"""One pretraining run as a frozen, validated config (model, data, optimiser, budget, resources).
+
+Everything is checked here, before Ray starts, so a typo costs a traceback naming the field, not a cluster start.
+Imports no torch: the sweep builds and hashes thousands of these on the driver.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.accounting import flops_per_token
+from models.config import LoopedConfig
+
+
+def _fail(name: str, problem: str, fix: str) -> None:
+    raise ValueError(f"{name}: {problem}; {fix}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(name, f"must be an integer >= {minimum}, got {value!r}", f"set it to an integer >= {minimum}")
+
+
+def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        _fail(name, f"must be a finite number {bound}, got {value!r}", f"set it to a number {bound}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with three parameter groups and a warmup-free linear decay to `final_lr_frac` of the peak.
+
+    `lr` is the peak LR of the weight matrices (LM head included); embeddings and norms/scalars use multiples of it
+    so that one number transfers across sizes.
+    """
+
+    lr: float = 3e-3
+    embed_lr_mult: float = 1.0
+    norm_lr_mult: float = 1.0
+    weight_decay: float = 0.0  # matrices only: decaying gains or embeddings hurts small LMs
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    final_lr_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive_float("optim.lr", self.lr)
+        _positive_float("optim.embed_lr_mult", self.embed_lr_mult)
+        _positive_float("optim.norm_lr_mult", self.norm_lr_mult)
+        _positive_float("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive_float("optim.eps", self.eps)
+        _positive_float("optim.grad_clip", self.grad_clip, allow_zero=True)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                _fail(f"optim.{name}", f"must be in [0, 1), got {value!r}", "use e.g. 0.9 / 0.95")
+        if not (isinstance(self.final_lr_frac, (int, float)) and 0 <= self.final_lr_frac <= 1):
+            _fail("optim.final_lr_frac", f"must be in [0, 1], got {self.final_lr_frac!r}", "use e.g. 0.1")
+
+    def lr_multiplier(self, step: int, total_steps: int) -> float:
+        """Peak at step 0, linearly down to final_lr_frac at the last step: a pure function of the step so resume is exact."""
+        if total_steps <= 1:
+            return 1.0
+        return 1.0 - (1.0 - self.final_lr_frac) * min(step, total_steps - 1) / (total_steps - 1)
+
+
+# Fields that label or place a run but do not change what is trained: excluded from the run id.
+_NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker")
+
+_FAMILIES = ("explicit", "reference", "tiny")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: LoopedConfig
+    size: int | None = None  # reference size s (d = ceil(64*s/128)*128); None for other families
+    data: str = "default"  # "default" (embedded corpus, prepared on demand) or a prepared data dir
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: float | None = None  # training FLOPs budget C ...
+    tokens: int | None = None  # ... or token budget D: exactly one of the two
+    batch_tokens: int = 65536
+    micro_batch: int = 8
+    zero_stage: int = 2
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    seed: int = 0
+    storage: str = "results"  # results store + Ray Train storage + TensorBoard (local path or pyarrow.fs URI)
+    eval_every: int = 50
+    val_tokens: int = 65536
+    spike_factor: float = 4.0  # loss > spike_factor x running mean => diverged
+    max_failures: int = 2
+    checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
+    name: str = ""
+    sweep: str = ""
+    variant: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, LoopedConfig):
+            _fail("model", f"must be a LoopedConfig, got {type(self.model).__name__}", "build it with RunConfig.from_dict")
+        if self.size is not None:
+            _positive_int("model.size", self.size)
+        if not isinstance(self.data, str) or not self.data:
+            _fail("data", f"must be 'default' or a prepared data dir, got {self.data!r}",
+                  "use data: default or the --out dir of `python -m training.prepare`")
+        if not isinstance(self.optim, OptimConfig):
+            _fail("optim", f"must be an OptimConfig, got {type(self.optim).__name__}", "build it with RunConfig.from_dict")
+        if (self.compute is None) == (self.tokens is None):
+            _fail("budget", "give exactly one of compute (FLOPs) and tokens",
+                  "set budget: {compute: 1e15} or budget: {tokens: 1000000}")
+        if self.compute is not None:
+            _positive_float("budget.compute", self.compute)
+        if self.tokens is not None:
+            _positive_int("budget.tokens", self.tokens)
+        _positive_int("batch_tokens", self.batch_tokens)
+        _positive_int("micro_batch", self.micro_batch)
+        if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
+            _fail("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage!r}", "use e.g. zero_stage: 2")
+        _positive_int("resources.num_workers", self.num_workers)
+        _positive_float("resources.cpus_per_worker", self.cpus_per_worker)
+        if not isinstance(self.use_gpu, bool):
+            _fail("resources.use_gpu", f"must be true or false, got {self.use_gpu!r}", "use true or false")
+        _positive_int("seed", self.seed, minimum=0)
+        if not isinstance(self.storage, str) or not self.storage:
+            _fail("storage", f"must be a path or URI, got {self.storage!r}", "use e.g. storage: results")
+        _positive_int("eval_every", self.eval_every)
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        _positive_int("val_tokens", self.val_tokens)
+        _positive_float("spike_factor", self.spike_factor)
+        if self.spike_factor <= 1:
+            _fail("spike_factor", f"must be > 1, got {self.spike_factor!r}", "use e.g. 4.0")
+        _positive_int("max_failures", self.max_failures, minimum=-1)
+        for name in ("name", "sweep", "variant"):
+            if not isinstance(getattr(self, name), str):
+                _fail(name, f"must be a string, got {getattr(self, name)!r}", "quote it in the YAML")
+
+        per_step = self.micro_batch * self.model.seq_len * self.num_workers
+        if self.batch_tokens % per_step:
+            _fail("batch_tokens", f"{self.batch_tokens} is not a multiple of micro_batch*seq_len*num_workers = "
+                  f"{self.micro_batch}*{self.model.seq_len}*{self.num_workers} = {per_step}",
+                  f"use a multiple of {per_step}, e.g. {per_step * max(1, round(self.batch_tokens / per_step))}")
+        if self.val_tokens < self.model.seq_len * self.num_workers:
+            _fail("val_tokens", f"{self.val_tokens} is less than one sequence per worker "
+                  f"({self.model.seq_len}*{self.num_workers})", f"use >= {self.model.seq_len * self.num_workers}")
+        if self.steps < 1:
+            _fail("budget", f"the budget buys {self.target_tokens:.3g} tokens, less than one batch of "
+                  f"{self.batch_tokens}", "raise the budget or lower batch_tokens")
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_tokens // (self.micro_batch * self.model.seq_len * self.num_workers)
+
+    @property
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model)
+
+    @property
+    def target_tokens(self) -> float:
+        return float(self.tokens) if self.tokens is not None else self.compute / self.flops_per_token
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: budget / batch, rounded to the nearest whole step (C / (F * batch_tokens) for a FLOP budget)."""
+        return int(round(self.target_tokens / self.batch_tokens))
+
+    @property
+    def train_tokens(self) -> int:
+        return self.steps * self.batch_tokens
+
+    @property
+    def run_id(self) -> str:
+        """Content hash of everything that changes the training (labels, storage and retry policy excluded)."""
+        content = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return f"d{self.model.d_model}-r{self.model.r}-{digest}"
+
+    # ---- (de)serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical nested form; `from_dict(to_dict())` round-trips."""
+        return {
+            "model": {"family": "explicit", "size": self.size, **self.model.to_dict()},
+            "data": self.data,
+            "optim": dataclasses.asdict(self.optim),
+            "budget": {"compute": self.compute, "tokens": self.tokens},
+            "batch_tokens": self.batch_tokens,
+            "micro_batch": self.micro_batch,
+            "zero_stage": self.zero_stage,
+            "resources": {"num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker,
+                          "use_gpu": self.use_gpu},
+            "seed": self.seed,
+            "storage": self.storage,
+            "eval_every": self.eval_every,
+            "val_tokens": self.val_tokens,
+            "spike_factor": self.spike_factor,
+            "max_failures": self.max_failures,
+            "checkpoint_every": self.checkpoint_every,
+            "name": self.name,
+            "sweep": self.sweep,
+            "variant": self.variant,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Nested sections (model, optim, budget, resources) as in the YAML; budget/resources keys may also be top-level."""
+        if not isinstance(data, dict):
+            _fail("config", f"must be a mapping, got {type(data).__name__}", "write the YAML as key: value pairs")
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)} | {"budget", "resources"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            _fail(unknown[0], "unknown field", f"valid top-level fields are {sorted(known - {'size'})}")
+        if "model" not in data:
+            _fail("model", "missing", "add a model section, e.g. model: {family: tiny, r: 2}")
+        model, size = _model_from_dict(data.pop("model"))
+        kwargs: dict[str, Any] = {"model": model, "size": size}
+        if "size" in data:
+            _fail("size", "belongs in the model section", "write model: {family: reference, size: 12, ...}")
+        optim = data.pop("optim", {}) or {}
+        if isinstance(optim, OptimConfig):
+            kwargs["optim"] = optim
+        else:
+            kwargs["optim"] = _build(OptimConfig, optim, "optim")
+        for section, keys in (("budget", ("compute", "tokens")),
+                              ("resources", ("num_workers", "cpus_per_worker", "use_gpu"))):
+            values = data.pop(section, {}) or {}
+            if not isinstance(values, dict):
+                _fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{{keys[0]}: ...}}")
+            extra = sorted(set(values) - set(keys))
+            if extra:
+                _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {list(keys)}")
+            for key in keys:
+                if key in values and key in data:
+                    _fail(key, f"given both at top level and in {section}", "give it once")
+                if key in values:
+                    kwargs[key] = values[key]
+        kwargs.update(data)
+        if kwargs.get("compute") is not None:
+            kwargs["compute"] = _number("budget.compute", kwargs["compute"])
+        if kwargs.get("tokens") is not None:
+            tokens = _number("budget.tokens", kwargs["tokens"])
+            kwargs["tokens"] = int(tokens) if float(tokens).is_integer() else tokens
+        if "cpus_per_worker" in kwargs:
+            kwargs["cpus_per_worker"] = _number("resources.cpus_per_worker", kwargs["cpus_per_worker"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            _fail("config", f"file {str(path)!r} not found", "pass the path of a run YAML, e.g. training/configs/tiny.yaml")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                _fail("config", f"{path} is not valid YAML ({exc})", "fix the YAML syntax")
+        return cls.from_dict(data or {})
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """Copy with changes. `model=` / `optim=` take a config or a dict of field overrides, e.g.
+        `cfg.replace(optim={"lr": 1e-3}, model={"r": 2}, tokens=10**6)`; setting one budget clears the other."""
+        if isinstance(changes.get("model"), dict):
+            overrides = dict(changes["model"])
+            if "size" in overrides:
+                changes.setdefault("size", overrides.pop("size"))
+            changes["model"] = self.model.replace(**overrides)
+        if isinstance(changes.get("optim"), dict):
+            changes["optim"] = _build(OptimConfig, {**dataclasses.asdict(self.optim), **changes["optim"]}, "optim")
+        if changes.get("compute") is not None and "tokens" not in changes:
+            changes["tokens"] = None
+        if changes.get("tokens") is not None and "compute" not in changes:
+            changes["compute"] = None
+        return dataclasses.replace(self, **changes)
+
+
+def _number(name: str, value: Any) -> float:
+    """YAML 1.1 reads `1e15` as a string; accept it as the number it is meant to be."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            _fail(name, f"must be a number, got {value!r}", "write e.g. 1.0e15")
+    return value
+
+
+def _build(cls: type, values: Any, section: str) -> Any:
+    if not isinstance(values, dict):
+        _fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{key: value}}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(values) - known)
+    if extra:
+        _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
+    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) else v) for k, v in values.items()}
+    return cls(**values)
+
+
+def _model_from_dict(spec: Any) -> tuple[LoopedConfig, int | None]:
+    """`family: reference` (size, r, ...), `family: tiny` (r, d_model, ...) or `family: explicit` (every field)."""
+    if isinstance(spec, LoopedConfig):
+        return spec, None
+    if not isinstance(spec, dict):
+        _fail("model", f"must be a mapping, got {spec!r}", "write model: {family: tiny, r: 2}")
+    spec = dict(spec)
+    family = spec.pop("family", "explicit")
+    size = spec.pop("size", None)
+    if family not in _FAMILIES:
+        _fail("model.family", f"unknown family {family!r}", f"use one of {', '.join(_FAMILIES)}")
+    try:
+        if family == "reference":
+            if size is None or "r" not in spec:
+                _fail("model.size", "the reference family needs size and r", "write model: {family: reference, size: 12, r: 4}")
+            return LoopedConfig.reference(size=size, **spec), size
+        if family == "tiny":
+            return LoopedConfig.tiny(**spec), size
+        known = {f.name for f in dataclasses.fields(LoopedConfig)}
+        extra = sorted(set(spec) - known)
+        if extra:
+            _fail(f"model.{extra[0]}", "unknown field", f"valid fields are {sorted(known)} (plus family, size)")
+        return LoopedConfig.from_dict(spec), size
+    except TypeError as exc:  # an unknown keyword for the family constructor
+        _fail("model", str(exc), f"check the field names of the {family} family")
+    raise AssertionError("unreachable")

@@ -1,0 +1,84 @@
+"""TensorBoard scalars and model-FLOPs utilisation (MFU) of a run."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable
+
+# Dense bf16 peak per GPU (no sparsity), by substring of torch.cuda.get_device_name().
+_GPU_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                  ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12))
+
+
+def cpu_peak_flops(threads: int) -> float:
+    """fp32 FMA peak of `threads` cores: cores x clock x SIMD lanes x 2 FMA units x 2 FLOPs.
+
+    An estimate (the clock is the nominal one from /proc/cpuinfo); set LOOPLAW_PEAK_FLOPS to a measured
+    per-device number to override it.
+    """
+    ghz, lanes = 2.5, 8  # defaults when /proc/cpuinfo is unreadable (AVX2 at 2.5 GHz)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", info)
+        if mhz:
+            ghz = float(mhz.group(1)) / 1000
+        flags = re.search(r"^flags\s*:(.*)$", info, re.M)
+        flag_set = set(flags.group(1).split()) if flags else set()
+        lanes = 16 if "avx512f" in flag_set else 8 if "avx2" in flag_set else 4
+    except OSError:
+        pass
+    return threads * ghz * 1e9 * lanes * 2 * 2
+
+
+def device_peak_flops(on_gpu: bool, threads: int = 1) -> float:
+    """Peak FLOP/s of one worker's device (GPU bf16 table, or the CPU fp32 estimate for its threads)."""
+    override = os.environ.get("LOOPLAW_PEAK_FLOPS")
+    if override:
+        return float(override)
+    if on_gpu:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        for key, peak in _GPU_PEAK_BF16:
+            if key in name:
+                return peak
+        return 989e12  # unknown GPU: report MFU against an H100 rather than not at all
+    return cpu_peak_flops(threads)
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs (the accounting's F, not hardware FLOPs) per second over peak."""
+    return flops_per_token * tokens_per_second / peak_flops if peak_flops > 0 else float("nan")
+
+
+class Scalars:
+    """TensorBoard writer on rank 0, a no-op elsewhere (and when TensorBoard is unavailable)."""
+
+    def __init__(self, logdir: str | None):
+        self._writer = None
+        if logdir is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self._writer = SummaryWriter(log_dir=logdir)
+
+    def log(self, step: int, **scalars: float | None) -> None:
+        if self._writer is None:
+            return
+        for key, value in scalars.items():
+            if value is not None:
+                self._writer.add_scalar(key, float(value), step)
+
+    def log_state_norms(self, step: int, norms: Iterable[float]) -> None:
+        if self._writer is None:
+            return
+        for i, value in enumerate(norms):
+            self._writer.add_scalar(f"state_norm/r{i}", float(value), step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None

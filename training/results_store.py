@@ -1,0 +1,184 @@
+"""The results store: one Parquet file per finished run, plus its loss curve. The only thing analysis reads.
+
+Layout under STORE (a local folder or any pyarrow.fs URI such as s3://bucket/prefix):
+    STORE/runs/<run_id>.parquet     one row, schema RUN_SCHEMA
+    STORE/curves/<run_id>.parquet   the loss curve, schema CURVE_SCHEMA
+Files are written to a dot-prefixed temp name and renamed, so readers (pyarrow.dataset and pandas skip names
+starting with '.' or '_') never see half a file, and the file name is the run id, so writing a run twice
+replaces its row instead of duplicating it. The curve is written before the row: a row implies its curve.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+STATUSES = ("completed", "diverged", "failed")
+
+_TS = pa.timestamp("us", tz="UTC")
+
+RUN_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False, metadata={"doc": "content hash of the training config"}),
+    pa.field("sweep", pa.string(), metadata={"doc": "sweep name ('' for a single run)"}),
+    pa.field("variant", pa.string(), metadata={"doc": "variant label within the sweep"}),
+    pa.field("name", pa.string()),
+    pa.field("status", pa.string(), nullable=False, metadata={"doc": "completed | diverged | failed"}),
+    # model
+    pa.field("d_model", pa.int64()),
+    pa.field("size", pa.int64(), metadata={"doc": "reference size s, null outside the reference family"}),
+    pa.field("n_prelude", pa.int64()),
+    pa.field("n_rec_layers", pa.int64()),
+    pa.field("n_coda", pa.int64()),
+    pa.field("r", pa.int64()),
+    pa.field("bptt_k", pa.int64(), metadata={"doc": "recurrences with a backward pass (= r for full backprop)"}),
+    pa.field("injection", pa.string()),
+    pa.field("hc_lanes", pa.int64()),
+    pa.field("n_heads", pa.int64()),
+    pa.field("head_dim", pa.int64()),
+    pa.field("seq_len", pa.int64()),
+    pa.field("vocab_size", pa.int64()),
+    pa.field("effective_depth", pa.int64()),
+    # accounting (models.accounting; embeddings excluded from n_once / n_rec)
+    pa.field("n_once", pa.int64()),
+    pa.field("n_rec", pa.int64()),
+    pa.field("n_embed", pa.int64()),
+    pa.field("flops_per_token", pa.float64(), metadata={"doc": "training FLOPs per token (fwd+bwd)"}),
+    pa.field("tokens", pa.int64(), metadata={"doc": "tokens trained (steps * batch_tokens)"}),
+    pa.field("compute", pa.float64(), metadata={"doc": "flops_per_token * tokens"}),
+    pa.field("budget_compute", pa.float64(), metadata={"doc": "FLOP budget asked for (null for a token budget)"}),
+    # outcome
+    pa.field("val_loss", pa.float64(), metadata={"doc": "final held-out loss, nats per token (NaN unless completed)"}),
+    pa.field("val_bpb", pa.float64(), metadata={"doc": "final held-out bits per byte"}),
+    pa.field("train_loss", pa.float64()),
+    pa.field("steps", pa.int64()),
+    pa.field("wall_seconds", pa.float64()),
+    pa.field("tokens_per_second", pa.float64()),
+    pa.field("mfu", pa.float64()),
+    pa.field("restarts", pa.int64(), metadata={"doc": "worker-group restarts resumed from a checkpoint"}),
+    # recipe
+    pa.field("seed", pa.int64()),
+    pa.field("lr", pa.float64(), metadata={"doc": "peak LR of the weight matrices"}),
+    pa.field("batch_tokens", pa.int64()),
+    pa.field("zero_stage", pa.int64()),
+    pa.field("num_workers", pa.int64()),
+    pa.field("config", pa.string(), metadata={"doc": "RunConfig.to_dict() as JSON"}),
+    pa.field("versions", pa.string(), metadata={"doc": "library versions as JSON"}),
+    pa.field("error", pa.string(), metadata={"doc": "why a failed run failed"}),
+    pa.field("started_at", _TS),
+    pa.field("finished_at", _TS),
+])
+
+CURVE_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64()),
+    pa.field("tokens", pa.int64()),
+    pa.field("train_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("lr", pa.float64()),
+])
+
+# Columns a row must carry; the rest default to null.
+REQUIRED = ("run_id", "status", "d_model", "r", "n_once", "n_rec", "flops_per_token", "tokens", "compute", "val_loss")
+
+
+def _resolve(store: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    store = os.fspath(store)
+    if "://" in store:
+        return pafs.FileSystem.from_uri(store)
+    return pafs.LocalFileSystem(), os.path.abspath(store)
+
+
+def _atomic_write(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table) -> None:
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.move(tmp, f"{folder}/{name}")
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+
+
+def _check_run_id(run_id: Any) -> str:
+    if not isinstance(run_id, str) or not run_id or "/" in run_id or run_id.startswith((".", "_")):
+        raise ValueError(f"run_id: {run_id!r} is not usable as a file name; use the RunConfig.run_id hash")
+    return run_id
+
+
+def run_table(row: Mapping[str, Any]) -> pa.Table:
+    """One row as a table of RUN_SCHEMA; unknown or missing columns raise, naming the column."""
+    unknown = sorted(set(row) - set(RUN_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"row: unknown column(s) {unknown}; the schema is training.results_store.RUN_SCHEMA")
+    missing = [c for c in REQUIRED if row.get(c) is None]
+    if missing:
+        raise ValueError(f"row: missing required column(s) {missing}")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"row.status: {row['status']!r} is not one of {STATUSES}")
+    values = dict(row)
+    for key in ("config", "versions"):
+        if values.get(key) is not None and not isinstance(values[key], str):
+            values[key] = json.dumps(values[key], sort_keys=True, default=str)
+    return pa.Table.from_pylist([{name: values.get(name) for name in RUN_SCHEMA.names}], schema=RUN_SCHEMA)
+
+
+def curve_table(run_id: str, curve: Iterable[Mapping[str, Any]]) -> pa.Table:
+    rows = [{"run_id": run_id, **{k: point.get(k) for k in CURVE_SCHEMA.names[1:]}} for point in curve]
+    return pa.Table.from_pylist(rows, schema=CURVE_SCHEMA)
+
+
+def write_run(store: str | os.PathLike, row: Mapping[str, Any], curve: Iterable[Mapping[str, Any]] = ()) -> None:
+    """Write (or replace) the run's curve then its row, each atomically."""
+    run_id = _check_run_id(row.get("run_id"))
+    table = run_table(row)  # validate before touching storage
+    fs, root = _resolve(store)
+    _atomic_write(fs, f"{root}/curves", f"{run_id}.parquet", curve_table(run_id, curve))
+    _atomic_write(fs, f"{root}/runs", f"{run_id}.parquet", table)
+
+
+def has_run(store: str | os.PathLike, run_id: str) -> bool:
+    fs, root = _resolve(store)
+    return fs.get_file_info(f"{root}/runs/{_check_run_id(run_id)}.parquet").type == pafs.FileType.File
+
+
+def read_runs(store: str | os.PathLike) -> pa.Table:
+    """Every run row (an empty RUN_SCHEMA table for an empty store)."""
+    fs, root = _resolve(store)
+    folder = f"{root}/runs"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return RUN_SCHEMA.empty_table()
+    return ds.dataset(folder, filesystem=fs, format="parquet", schema=RUN_SCHEMA).to_table()
+
+
+def read_run(store: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
+    """The run's row as a dict, or None when the store has none."""
+    if not has_run(store, run_id):
+        return None
+    fs, root = _resolve(store)
+    rows = pq.read_table(f"{root}/runs/{run_id}.parquet", filesystem=fs, schema=RUN_SCHEMA).to_pylist()
+    return rows[0]
+
+
+def read_curve(store: str | os.PathLike, run_id: str) -> pa.Table:
+    fs, root = _resolve(store)
+    path = f"{root}/curves/{_check_run_id(run_id)}.parquet"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return CURVE_SCHEMA.empty_table()
+    return pq.read_table(path, filesystem=fs, schema=CURVE_SCHEMA)
+
+
+def finite_or_nan(value: Any) -> float:
+    """Metric values as floats; None (never measured) becomes NaN so the column stays float64."""
+    if value is None:
+        return math.nan
+    return float(value)

@@ -1,0 +1,237 @@
+"""One pretraining run on Ray Train + DeepSpeed, recorded in the results store.
+
+    python -m training.run --config RUN.yaml [--storage DIR]
+
+Runs on the Ray cluster in RAY_ADDRESS, else on a local Ray it starts (and stops) itself. The config is
+validated, and a prepared data folder checked, before Ray starts.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterable
+
+from models.accounting import param_counts
+from training import results_store
+from training.config import RunConfig
+
+DATA_ROOT_ENV = "LOOPLAW_DATA_ROOT"  # where the default corpus is prepared (cached by content)
+
+
+def default_data_root() -> str:
+    return os.environ.get(DATA_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "looplaw", "data")
+
+
+def check_data(cfg: RunConfig, data_dir: str | None = None) -> dict | None:
+    """Check a prepared folder against the model before any training starts; returns its meta (None for an
+    unprepared default corpus, which is prepared to fit the model's vocabulary)."""
+    from training.loader import load_meta
+
+    if data_dir is None:
+        if cfg.data == "default":
+            return None
+        data_dir = cfg.data
+    try:
+        meta = load_meta(data_dir)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"data: {data_dir!r} is not a prepared data folder ({exc}); "
+                         "run `python -m training.prepare --input SRC --out DIR` or use data: default") from None
+    if int(meta["vocab_size"]) > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
+                         f"({meta['vocab_size']} tokens); set model.vocab_size >= {meta['vocab_size']}")
+    return meta
+
+
+def resolve_data(cfg: RunConfig) -> str:
+    """The prepared folder the workers read: the run's own, or the default corpus prepared (once) at the model's vocab."""
+    if cfg.data != "default":
+        check_data(cfg)
+        return cfg.data
+    from training.prepare import ensure_default_data
+
+    path = ensure_default_data(default_data_root(), vocab_size=cfg.model.vocab_size)
+    check_data(cfg, path)
+    return path
+
+
+def storage_root(cfg: RunConfig) -> str:
+    return cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)
+
+
+def build_trainer(cfg: RunConfig, callbacks: Iterable[Any] = (), name: str | None = None):
+    """The TorchTrainer of one run. Its Ray Train folder is STORAGE/ray/<name or run_id>: fitting it again after an
+    interruption resumes from its newest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.loop import train_loop
+
+    data_dir = resolve_data(cfg)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"run": cfg.to_dict(), "data_dir": data_dir},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name or cfg.run_id,
+            storage_path=f"{storage_root(cfg)}/ray",
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "deepspeed": deepspeed.__version__}
+
+
+def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | None = None,
+             wall_seconds: float = math.nan, started_at: dt.datetime | None = None,
+             finished_at: dt.datetime | None = None, error: str | None = None) -> dict[str, Any]:
+    """The results-store row of a run: config, accounting (models.accounting) and outcome."""
+    m = cfg.model
+    counts = param_counts(m)
+    summary = summary or {}
+    steps = int(summary.get("steps", 0))
+    tokens = steps * cfg.batch_tokens
+    nan = results_store.finite_or_nan
+    return {
+        "run_id": cfg.run_id, "sweep": cfg.sweep, "variant": cfg.variant, "name": cfg.name,
+        "status": status or summary.get("status", "failed"),
+        "d_model": m.d_model, "size": cfg.size, "n_prelude": m.n_prelude, "n_rec_layers": m.n_rec_layers,
+        "n_coda": m.n_coda, "r": m.r, "bptt_k": m.backprop_recurrences, "injection": m.injection,
+        "hc_lanes": m.hc_lanes, "n_heads": m.n_heads, "head_dim": m.head_dim, "seq_len": m.seq_len,
+        "vocab_size": m.vocab_size, "effective_depth": m.effective_depth,
+        "n_once": counts.n_once, "n_rec": counts.n_rec, "n_embed": counts.n_embed,
+        "flops_per_token": cfg.flops_per_token, "tokens": tokens, "compute": cfg.flops_per_token * tokens,
+        "budget_compute": cfg.compute,
+        "val_loss": nan(summary.get("val_loss")), "val_bpb": nan(summary.get("val_bpb")),
+        "train_loss": nan(summary.get("train_loss")), "steps": steps, "wall_seconds": float(wall_seconds),
+        "tokens_per_second": nan(summary.get("tokens_per_second")), "mfu": nan(summary.get("mfu")),
+        "restarts": int(summary.get("restarts", 0)),
+        "seed": cfg.seed, "lr": cfg.optim.lr, "batch_tokens": cfg.batch_tokens, "zero_stage": cfg.zero_stage,
+        "num_workers": cfg.num_workers, "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "versions": json.dumps(versions(), sort_keys=True),
+        "error": error or summary.get("reason"),
+        "started_at": started_at, "finished_at": finished_at,
+    }
+
+
+def _summary_from_checkpoint(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, "state.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f).get("summary")
+
+
+def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
+    """Train `cfg` to its budget and record it: returns the results-store row.
+
+    A run already in the store is returned as stored without training, unless it failed (a failure is the
+    infrastructure's, not a result, so it is retried; the new row replaces the old one).
+    """
+    from ray.train import TrainingFailedError
+
+    import ray
+
+    store = storage_root(cfg)
+    stored = results_store.read_run(store, cfg.run_id)
+    if stored is not None and stored["status"] != "failed":
+        return stored
+    if not ray.is_initialized():
+        # A bare ray.init() (what fit() would do) attaches to any Ray running on the machine; be explicit.
+        tmp = _init_ray()
+        atexit.register(_stop_ray, tmp)
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg, callbacks)
+    error = None
+    try:
+        result = trainer.fit()
+        summary = result.return_value or _summary_from_checkpoint(result.checkpoint)
+        if summary is None:
+            error = "the training loop returned no summary"
+    except TrainingFailedError as exc:
+        summary, error = None, f"{type(exc).__name__}: {exc}"[:4000]
+    wall = time.perf_counter() - t0
+    row = make_row(cfg, summary, status="failed" if summary is None else None, wall_seconds=wall,
+                   started_at=started, finished_at=dt.datetime.now(dt.timezone.utc), error=error)
+    results_store.write_run(store, row, (summary or {}).get("curve", ()))
+    return row
+
+
+def _init_ray() -> str | None:
+    """Attach to RAY_ADDRESS, else start a private local Ray; returns the temp dir to clean up (local only)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return None
+    tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths must stay under 108 chars
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp)
+    return tmp
+
+
+def _stop_ray(tmp: str | None) -> None:
+    import ray
+
+    ray.shutdown()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML (see training/configs/tiny.yaml)")
+    parser.add_argument("--storage", default=None, help="results store + Ray storage (local folder or URI)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = RunConfig.from_yaml(args.config)
+        if args.storage:
+            cfg = cfg.replace(storage=args.storage)
+        check_data(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    tmp = _init_ray()
+    try:
+        print(f"run {cfg.run_id}: {cfg.steps} steps x {cfg.batch_tokens} tokens, "
+              f"{cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, storage {storage_root(cfg)}", flush=True)
+        row = execute(cfg)
+    finally:
+        _stop_ray(tmp)
+    print(f"run {row['run_id']}: {row['status']}  val_loss {row['val_loss']:.4f} nats  "
+          f"val_bpb {row['val_bpb']:.4f}  steps {row['steps']}  tokens {row['tokens']}  "
+          f"{row['tokens_per_second']:.0f} tok/s  mfu {row['mfu']:.3%}  wall {row['wall_seconds']:.1f}s", flush=True)
+    if row.get("error"):
+        print(f"  ({row['error']})", flush=True)
+    print(f"row written to {storage_root(cfg)}/runs/{row['run_id']}.parquet", flush=True)
+    return 1 if row["status"] == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
