@@ -24,13 +24,6 @@ from models.accounting import param_counts
 from training import results_store
 from training.config import RunConfig
 
-DATA_ROOT_ENV = "LOOPLAW_DATA_ROOT"  # where the default corpus is prepared (cached by content)
-
-
-def default_data_root() -> str:
-    return os.environ.get(DATA_ROOT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "looplaw", "data")
-
-
 def check_data(cfg: RunConfig, data_dir: str | None = None) -> dict | None:
     """Check a prepared folder against the model before any training starts; returns its meta (None for an
     unprepared default corpus, which is prepared to fit the model's vocabulary)."""
@@ -58,7 +51,7 @@ def resolve_data(cfg: RunConfig) -> str:
         return cfg.data
     from training.prepare import ensure_default_data
 
-    path = ensure_default_data(default_data_root(), vocab_size=cfg.model.vocab_size)
+    path = ensure_default_data(vocab_size=cfg.model.vocab_size)  # cached under $LOOPLAW_DATA_ROOT
     check_data(cfg, path)
     return path
 
