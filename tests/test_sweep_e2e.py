@@ -1,0 +1,198 @@
+"""The sweep end to end on a real local Ray with real training (Ray Train + DeepSpeed, tiny models on CPU):
+LR search with Optuna pruning, the grid, resume after the driver is SIGKILLed, and the fit at the end."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from training import results_store
+from tuning.grid import expand, lr_plan, search_storage
+from tuning.spec import SweepSpec
+from tuning.sweep import absolute_storage, fit_stage, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(storage: Path, **changes) -> dict:
+    """2 budgets x 1 width x r in {1, 2}: four cells of ~20-30 steps each."""
+    spec = {
+        "name": "e2e",
+        "storage": str(storage),
+        "model": {"family": "tiny", "vocab_size": 1024, "seq_len": 64, "head_dim": 16},
+        "budgets": [{"compute": 1.5e10, "widths": [32]}, {"compute": 3.0e10, "widths": [32]}],
+        "r": [1, 2],
+        "recipe": {"batch_tokens": 512, "micro_batch": 8, "eval_every": 4, "val_tokens": 1024,
+                   "checkpoint_every": 4, "max_failures": 1},
+        "lr": {"rule": "fixed", "value": 1.0e-2},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 0, "trial_cpus": 0.1},
+        "fit": {"bootstrap": 0},
+    }
+    spec.update(changes)
+    return spec
+
+
+@pytest.fixture(autouse=True)
+def local_ray_only(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the sweep must start its own private local Ray
+
+
+def rows(store: Path) -> dict[str, dict]:
+    table = results_store.read_runs(str(store))
+    return {r["run_id"]: r for r in table.to_pylist()}
+
+
+@pytest.mark.slow
+def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
+    store = tmp_path / "store"
+    # Two workable LRs first, then one far too small: the median pruner stops it once two trials have finished.
+    search = {"trials": 3, "low": 1.0e-5, "high": 3.0e-2, "enqueue": [1.0e-2, 3.0e-3, 1.0e-5], "pruner": "median",
+              "pruner_args": {"n_startup_trials": 2}, "concurrency": 1}
+    spec = SweepSpec.from_dict(tiny_spec(store, lr={"rule": "tuned", "search": search}))
+    result = run_sweep(spec, num_cpus=2, fit=False)
+
+    study = optuna.load_study(study_name="e2e-lr", storage=f"sqlite:///{store / 'optuna.db'}")
+    states = {t.params["lr"]: t.state for t in study.trials}
+    assert states[1.0e-5] == TrialState.PRUNED
+    assert states[1.0e-2] == states[3.0e-3] == TrialState.COMPLETE
+    assert result["best_lr"] == study.best_trial.params["lr"]
+    search_rows = rows(Path(search_storage(absolute_storage(spec))))
+    assert sorted(r["lr"] for r in search_rows.values()) == [3.0e-3, 1.0e-2]  # the pruned trial left no row
+
+    cells = expand(absolute_storage(spec), lr_plan(absolute_storage(spec), result["best_lr"]))
+    stored = rows(store)
+    assert set(stored) == {c.run_id for c in cells} and len(stored) == 4
+    assert result["counts"] == {"completed": 4}
+    for c in cells:
+        row = stored[c.run_id]
+        assert row["status"] == "completed" and row["sweep"] == "e2e" and row["variant"] == "baseline"
+        assert (row["r"], row["d_model"], row["budget_compute"]) == (c.r, c.width, c.compute)
+        assert row["lr"] == pytest.approx(result["best_lr"])  # same width as the search cell: no transfer factor
+        assert row["val_loss"] < 6.9  # trained: below the uniform loss ln(1024) = 6.93
+    # The search cell at the best LR is a grid cell: its run is copied, relabelled, not trained a second time.
+    shared = set(search_rows) & set(stored)
+    assert len(shared) == 1
+    (run_id,) = shared
+    assert stored[run_id]["val_loss"] == search_rows[run_id]["val_loss"]
+    assert stored[run_id]["finished_at"] == search_rows[run_id]["finished_at"]
+    assert search_rows[run_id]["variant"] == "lr_search" and stored[run_id]["variant"] == "baseline"
+
+    # Rerunning the same spec trains nothing: the study has its trials, the store has every cell.
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))}
+    again = run_sweep(spec, num_cpus=2, fit=False)
+    assert again["best_lr"] == result["best_lr"] and again["counts"] == {"completed": 4}
+    assert len(optuna.load_study(study_name="e2e-lr", storage=f"sqlite:///{store / 'optuna.db'}").trials) == 3
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))} == mtimes
+
+
+def _mid_run_checkpoint(store: Path, done_ids: set[str]) -> bool:
+    """True when a run without a row has a mid-training checkpoint registered in its Train run snapshot (the
+    record a restarted TorchTrainer restores from)."""
+    for snap in glob.glob(str(store / "ray" / "*" / "checkpoint_manager_snapshot.json")):
+        if Path(snap).parent.name in done_ids:
+            continue
+        try:
+            with open(snap) as f:
+                latest = json.load(f)["checkpoint_results"][-1]["metrics"]
+        except (OSError, ValueError, KeyError, IndexError):
+            continue  # being written
+        if not latest.get("done") and latest.get("step", 0) > 0:
+            return True
+    return False
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of the driver's session (its local Ray), the processes this test started."""
+    for pid_dir in glob.glob("/proc/[0-9]*"):
+        pid = int(Path(pid_dir).name)
+        try:
+            if os.getsid(pid) == sid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_training_twice(tmp_path):
+    store = tmp_path / "store"
+    spec_dict = tiny_spec(store, concurrency=1)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, str(ROOT / "tuning" / "sweep.py"), "--config", str(path),
+                               "--num-cpus", "2", "--no-fit"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 420
+        killed_with = None
+        while time.monotonic() < deadline and driver.poll() is None:
+            done = set(rows(store)) if (store / "runs").exists() else set()
+            if done and _mid_run_checkpoint(store, done):
+                killed_with = done
+                os.kill(driver.pid, signal.SIGKILL)
+                break
+            time.sleep(0.3)
+        assert killed_with is not None, f"the driver ended (rc {driver.poll()}) before a run was interrupted; " \
+                                        f"log: {(tmp_path / 'driver.log').read_text()[-3000:]}"
+        driver.wait(timeout=30)
+    finally:
+        _kill_session(driver.pid)
+        log.close()
+        # The killed driver could not remove its Ray temp dir; its session folder is named after the driver's pid.
+        for session in glob.glob(f"/tmp/rs*/session_*_{driver.pid}"):
+            shutil.rmtree(Path(session).parent, ignore_errors=True)
+    before = rows(store)
+    assert 1 <= len(before) < 4
+
+    spec = SweepSpec.from_dict(spec_dict)
+    result = run_sweep(spec, num_cpus=2, fit=False)
+    after = rows(store)
+    cells = expand(absolute_storage(spec))
+    assert set(after) == {c.run_id for c in cells} and result["counts"] == {"completed": 4}
+    assert len(glob.glob(str(store / "runs" / "*.parquet"))) == 4  # one row per run, none twice
+    for run_id, row in before.items():  # finished before the kill: not trained again
+        assert after[run_id]["finished_at"] == row["finished_at"]
+    resumed = [r for run_id, r in after.items() if run_id not in before and r["restarts"] >= 1]
+    assert resumed, "the interrupted run should have resumed from its checkpoint"
+
+
+def test_fit_stage_writes_the_law_next_to_the_results(tmp_path):
+    from analysis import ScalingLaw
+    from analysis.synthetic import synthetic_sweep, write_store
+
+    store = tmp_path / "store"
+    write_store(synthetic_sweep(ScalingLaw.reference(), noise=0.005, seed=1), store)
+    spec = SweepSpec.from_yaml(ROOT / "tuning" / "configs" / "reference.yaml")
+    spec = spec.replace(storage=str(store), fit=spec.fit.__class__(bootstrap=20, seed=0))
+    law = fit_stage(spec)
+    assert law is not None and law.phi == pytest.approx(0.459, abs=0.05)
+    saved = ScalingLaw.load(store / "law.json")
+    assert saved.phi == pytest.approx(law.phi)
+    pngs = sorted(p.name for p in (store / "plots").glob("*.png"))
+    assert len(pngs) >= 4 and all((store / "plots" / p).stat().st_size > 0 for p in pngs)
+
+
+@pytest.mark.slow
+def test_a_diverging_cell_is_recorded_as_diverged(tmp_path):
+    """The grid stops nothing itself: training's guard ends a diverging run, and the sweep keeps its row."""
+    store = tmp_path / "store"
+    recipe = {**tiny_spec(store)["recipe"], "optim": {"grad_clip": 0.0}}
+    spec = SweepSpec.from_dict(tiny_spec(store, budgets=[{"compute": 1.5e10, "widths": [32]}], r=[2],
+                                         recipe=recipe, lr={"rule": "fixed", "value": 1.0e4}))
+    result = run_sweep(spec, num_cpus=2, fit=False)
+    assert result["counts"] == {"diverged": 1}
+    (row,) = rows(store).values()
+    assert row["status"] == "diverged" and row["lr"] == 1.0e4
+    assert row["steps"] < expand(absolute_storage(spec))[0].run.steps  # stopped early

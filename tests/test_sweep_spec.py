@@ -1,0 +1,159 @@
+"""Sweep spec validation and grid expansion (no Ray): the shipped configs, variants, the LR rule, bad specs."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.accounting import param_counts
+from tuning.grid import evaluate, expand, lr_plan, search_cell, validate
+from tuning.spec import SweepSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tuning" / "configs"
+
+
+def small_spec(**changes) -> dict:
+    spec = {
+        "name": "unit",
+        "storage": "/tmp/looplaw-unit-never-written",
+        "model": {"family": "tiny", "vocab_size": 1024, "seq_len": 64, "head_dim": 16},
+        "budgets": [{"compute": 2.0e10, "widths": [32]}, {"compute": 4.0e10, "widths": [32, 64]}],
+        "r": [1, 2, 4],
+        "recipe": {"batch_tokens": 512, "micro_batch": 8, "eval_every": 5, "val_tokens": 2048},
+        "lr": {"rule": "fixed", "value": 4.0e-3},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 0},
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_reference_config_is_the_116_run_grid():
+    spec = SweepSpec.from_yaml(CONFIGS / "reference.yaml")
+    cells = validate(spec)
+    assert len(cells) == 116
+    budgets = Counter(c.compute for c in cells)
+    assert sorted(budgets) == [4.64e17, 1e18, 2.15e18, 4.64e18, 1e19, 2.15e19]
+    assert all(16 <= n <= 24 for n in budgets.values())  # 4-6 sizes x 4 r values
+    assert {c.r for c in cells} == {1, 2, 4, 8}
+    assert min(c.width for c in cells) == 6 and max(c.width for c in cells) == 34
+    for c in cells:
+        m = c.run.model
+        assert m.n_prelude + m.r * m.n_rec_layers + m.n_coda == 20  # iso-depth
+        assert m.d_model == math.ceil(64 * c.width / 128) * 128 and m.head_dim == 128
+        assert c.run.use_gpu and c.run.num_workers == 8
+    assert len({c.run_id for c in cells}) == 116
+    assert spec.lr.rule == "tuned" and spec.lr.search.pruner in ("median", "hyperband", "wilcoxon")
+
+
+def test_laptop_config_fits_two_cores():
+    spec = SweepSpec.from_yaml(CONFIGS / "laptop.yaml")
+    cells = validate(spec)
+    assert set(spec.r) == {1, 2, 4, 8}
+    assert len(spec.budgets) >= 3 and all(len(b.widths) >= 2 for b in spec.budgets)
+    assert len(cells) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
+    assert spec.resources.per_trial["CPU"] <= 2 and not spec.resources.gpus_per_worker
+    assert all(c.run.model.d_model <= 128 for c in cells)
+
+
+def test_grid_cells_carry_budget_width_r_and_labels():
+    spec = SweepSpec.from_dict(small_spec())
+    cells = expand(spec)
+    assert len(cells) == (1 + 2) * 3
+    for c in cells:
+        assert c.run.compute == c.compute and c.run.model.d_model == c.width and c.run.model.r == c.r
+        assert c.run.sweep == "unit" and c.run.variant == "baseline"
+        assert c.run.storage == spec.storage
+        assert c.run.model.injection == ("none" if c.r == 1 else "concat")
+    # iso-depth: unique parameters shrink with r at fixed width
+    at64 = sorted((c for c in cells if c.width == 64), key=lambda c: c.r)
+    n = [param_counts(c.run.model).n_once + param_counts(c.run.model).n_rec for c in at64]
+    assert n[0] > n[1] > n[2]
+
+
+def test_variants_evaluate_expressions_and_restrict_the_grid():
+    spec = SweepSpec.from_dict(small_spec(variants={
+        "baseline": {},
+        "truncated": {"bptt_k": "ceil(r/2)", "r": [2, 4]},
+        "hyperconnect": {"model": {"injection": "hyperconnect", "hc_lanes": 2}, "r": [4], "budgets": [4.0e10]},
+    }))
+    cells = expand(spec)
+    by = Counter(c.variant for c in cells)
+    assert by == {"baseline": 9, "truncated": 6, "hyperconnect": 2}
+    for c in cells:
+        if c.variant == "truncated":
+            assert c.run.model.bptt_k == math.ceil(c.r / 2)
+        if c.variant == "hyperconnect":
+            assert c.run.model.injection == "hyperconnect" and c.run.model.hc_lanes == 2 and c.compute == 4.0e10
+    assert evaluate("max(1, r // 2) + width * 0", {"r": 8, "width": 3}, "x") == 4
+
+
+def test_fixed_lr_transfers_by_width():
+    spec = SweepSpec.from_dict(small_spec())
+    cells = expand(spec)
+    lr = {c.width: c.run.optim.lr for c in cells}
+    assert lr[32] == pytest.approx(4.0e-3)  # the reference width defaults to the smallest d_model
+    assert lr[64] == pytest.approx(2.0e-3)  # lr * d_ref / d
+
+
+def test_tuned_lr_plan_uses_the_search_cell():
+    spec = SweepSpec.from_dict(small_spec(lr={"rule": "tuned", "search": {"trials": 3, "low": 1e-4, "high": 1e-1,
+                                                                          "width": 64, "budget": 4.0e10}}))
+    ref = search_cell(spec)
+    assert ref.model.d_model == 64 and ref.compute == 4.0e10 and ref.model.r == 1
+    assert ref.storage.endswith("/lr_search") and ref.variant == "lr_search"
+    plan = lr_plan(spec, best_lr=6.0e-3)
+    cells = expand(spec, plan)
+    assert {c.width: c.run.optim.lr for c in cells} == {32: pytest.approx(1.2e-2), 64: pytest.approx(6.0e-3)}
+    with pytest.raises(ValueError, match="best LR"):
+        lr_plan(spec)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"name": "bad name"}, "name"),
+    ({"r": [1, 3]}, "LoopedConfig.r"),  # 3 does not divide the tiny recurrent depth 8
+    ({"r": []}, "r"),
+    ({"budgets": [{"compute": "lots", "widths": [32]}]}, "budgets[0].compute"),
+    ({"budgets": [{"compute": 1e10}]}, "budgets[0]"),
+    ({"budgets": [{"compute": 1e3, "widths": [32]}]}, "budget"),  # less than one batch
+    ({"recipe": {"batch_tokens": 500, "micro_batch": 8}}, "batch_tokens"),
+    ({"recipe": {"optim": {"lr": 1e-3}}}, "recipe.optim.lr"),
+    ({"recipe": {"warmup": 10}}, "recipe.warmup"),
+    ({"lr": {"rule": "fixed"}}, "lr.value"),
+    ({"lr": {"rule": "tuned", "search": {"pruner": "random"}}}, "lr.search.pruner"),
+    ({"lr": {"rule": "tuned", "search": {"low": 1e-2, "high": 1e-3}}}, "lr.search.low"),
+    ({"lr": {"rule": "tuned", "search": {"pruner_args": {"patience": 3}}}}, "lr.search.pruner_args"),
+    ({"lr": {"rule": "tuned", "search": {"budget": 3e10}}}, "lr.search.budget"),
+    ({"lr": {"rule": "tuned"}, "storage": "s3://bucket/sweep"}, "lr.search.storage"),
+    ({"resources": {"zero_stage": 5}}, "resources.zero_stage"),
+    ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
+    ({"variants": {"t": {"bptt_k": "ceil(q/2)"}}}, "variants.t.bptt_k"),
+    ({"variants": {"t": {"r": [16]}}}, "variants.t.r"),
+    ({"model": {"family": "huge"}}, "model.family"),
+    ({"model": {"family": "tiny", "r": 2}}, "model.r"),
+    ({"concurrency": 0}, "concurrency"),
+    ({"colour": "blue"}, "spec.colour"),
+])
+def test_bad_specs_name_the_field(change, field):
+    with pytest.raises(ValueError) as err:
+        validate(SweepSpec.from_dict(small_spec(**change)))
+    assert field in str(err.value)
+
+
+def test_bad_spec_fails_before_ray_starts(tmp_path):
+    bad = small_spec(storage=str(tmp_path / "store"), lr={"rule": "tuned", "search": {"pruner": "random"}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tuning" / "sweep.py"), "--config", str(path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "lr.search.pruner" in proc.stderr and "median" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "store").exists()

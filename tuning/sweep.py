@@ -1,0 +1,367 @@
+"""Run an iso-depth x compute sweep on Ray Tune, then fit the law.
+
+    python tuning/sweep.py [--config SPEC] [--storage DIR]
+    ray job submit --working-dir . -- python tuning/sweep.py --config SPEC
+
+Stages: (1) the LR search (when the spec's LR rule is `tuned`): TPE over log-LR at one small cell, bad trials
+pruned by the Optuna pruner through tuning.pruning; (2) the grid: one Tune trial per cell not yet in the results
+store, LR transferred from the search; (3) the fit (analysis, when importable): law JSON and plots in the store.
+Rerunning the same spec resumes: stored runs are skipped, interrupted ones relaunched (training resumes them from
+their checkpoints), the Optuna study reopened. Attaches to RAY_ADDRESS when set, else starts a private local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a plain script: make tuning/, training/, models/ importable
+    sys.path.insert(0, str(REPO))
+
+from tuning.grid import Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, validate  # noqa: E402
+from tuning.spec import SweepSpec  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "tuning" / "configs" / "laptop.yaml"
+METRIC = "val_loss"
+
+
+def absolute_storage(spec: SweepSpec) -> SweepSpec:
+    """Trials run in other processes (other cwd): a local store must be an absolute path."""
+    if "://" in spec.storage:
+        return spec
+    return spec.replace(storage=str(Path(spec.storage).expanduser().resolve()))
+
+
+# ---- Ray ----------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connect(num_cpus: int | None = None, worker_logs: bool = False) -> str | None:
+    """Attach to RAY_ADDRESS (a cluster, or `ray job submit`), else start a private local Ray in its own temp dir.
+
+    The local Ray runs its dashboard: with Train V2 under Tune, the placement group of a trial stopped by a
+    scheduler is released by Train's PlacementGroupCleaner, which asks the dashboard's state API whether the
+    controller died. That client finds its cluster by address, and with several Rays on one machine "auto" is
+    ambiguous (the cleaner dies and the resources leak), so every process of this Ray is told its dashboard URL
+    (RAY_API_SERVER_ADDRESS). Worker output (every Train report) stays in the Ray logs unless `worker_logs`, so the
+    console shows the sweep's progress. Returns the temp dir to remove after shutdown."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=worker_logs)
+        return None
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay under 108 chars
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = api  # the driver's own state-API calls, and processes it spawns
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=tmp, log_to_driver=worker_logs,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": api}})
+    return tmp
+
+
+def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
+    """Trials at once = what the cluster fits (each trial holds its trainable plus its Train workers), unless the
+    spec fixes it (e.g. an autoscaling cluster that grows on demand)."""
+    import ray
+
+    explicit = explicit or spec.concurrency
+    if explicit:
+        return explicit
+    need = spec.resources.per_trial
+    have = ray.cluster_resources()
+    fits = min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    if fits < 1:
+        raise ValueError(f"resources: one trial needs {need} but the cluster has "
+                         f"{ {k: have.get(k, 0.0) for k in need} }; lower resources.num_workers / cpus_per_worker, "
+                         "or set concurrency: N if the cluster autoscales")
+    return fits
+
+
+def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list) -> Any:
+    from ray import tune
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return tune.RunConfig(name=f"{stage}-{stamp}", storage_path=f"{spec.storage.rstrip('/')}/tune",
+                          callbacks=callbacks, verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=0))  # Train retries inside the trial
+
+
+def _trainable(spec: SweepSpec):
+    from ray import tune
+
+    from tuning.trainable import run_cell
+
+    return tune.with_resources(run_cell, {"CPU": spec.resources.trial_cpus})
+
+
+def _dirname(trial: Any) -> str:
+    return f"{trial.trainable_name}_{trial.trial_id}"
+
+
+# ---- stage 1: LR search ---------------------------------------------------------------------------------------------
+def lr_stage(spec: SweepSpec, out=sys.stdout) -> float:
+    """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR."""
+    import optuna
+    from ray import tune
+
+    from tuning.progress import Progress
+    from tuning.pruning import (OptunaBridge, OptunaPruningScheduler, StudySearcher, finished_trials, make_pruner,
+                                open_study, recover_interrupted)
+    from tuning.trainable import cell_payload
+
+    s = spec.lr.search
+    if "://" not in spec.storage:
+        Path(spec.storage).mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(f"{spec.name}-lr", spec.optuna_storage, pruner=make_pruner(s.pruner, s.startup_trials,
+                       dict(s.pruner_args)), seed=s.seed, startup_trials=s.startup_trials)
+    resumed = recover_interrupted(study)
+    if resumed:
+        print(f"lr search: re-queued {len(resumed)} trial(s) interrupted by a previous driver", file=out, flush=True)
+    for lr in s.enqueue:
+        study.enqueue_trial({"lr": lr}, skip_if_exists=True)
+    done = finished_trials(study)
+    remaining = s.trials - done
+    base = search_cell(spec)
+    print(f"lr search: {done}/{s.trials} trials already in study {study.study_name!r} ({spec.optuna_storage}); "
+          f"cell d_model={base.model.d_model} r={base.model.r} C={base.compute:.3g}, LR in [{s.low:g}, {s.high:g}], "
+          f"pruner {s.pruner}", file=out, flush=True)
+    if remaining > 0:
+        # Rounded as the grid's transferred LRs are, so the search cell at the best LR has the run id of its grid
+        # cell and is reused rather than trained again.
+        bridge = OptunaBridge(study, suggest=lambda t: {"lr": round_lr(t.suggest_float("lr", s.low, s.high,
+                                                                                       log=True))},
+                              metric=METRIC)
+        progress = Progress("lr search", total=s.trials, skipped=done, out=out, stopped="pruned")
+        tuner = tune.Tuner(
+            _trainable(spec),
+            param_space=cell_payload(base, r=base.model.r, label="lr"),
+            tune_config=tune.TuneConfig(search_alg=StudySearcher(bridge), scheduler=OptunaPruningScheduler(bridge),
+                                        metric=METRIC, mode="min", num_samples=remaining,
+                                        max_concurrent_trials=concurrency(spec, s.concurrency),
+                                        trial_dirname_creator=_dirname),
+            run_config=_tune_run_config(spec, "lr", [progress]),
+        )
+        tuner.fit()
+        print(progress.summary(), file=out, flush=True)
+    summary_of_study(study, out)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise RuntimeError(f"lr search: no trial of study {study.study_name!r} completed; widen lr.search.low/high, "
+                           "raise lr.search.trials or check the trial logs")
+    return round_lr(float(study.best_trial.params["lr"]))
+
+
+def summary_of_study(study: Any, out=sys.stdout) -> None:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    by_state = {}
+    for t in trials:
+        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+    print(f"lr search study: {by_state}", file=out, flush=True)
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            last = t.value if t.state == TrialState.COMPLETE else (
+                t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else math.nan)
+            print(f"  #{t.number:<3} lr {t.params.get('lr', math.nan):.4g}  {t.state.name:<8} val_loss {last:.4f}",
+                  file=out, flush=True)
+
+
+# ---- stage 2: the grid ---------------------------------------------------------------------------------------------
+def stored_status(store: str) -> dict[str, str]:
+    """run_id -> status of every row in the store (failed runs are retried, so callers skip only the others)."""
+    from training import results_store
+
+    table = results_store.read_runs(store)
+    return dict(zip(table.column("run_id").to_pylist(), table.column("status").to_pylist()))
+
+
+def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str], out=sys.stdout) -> int:
+    """A grid cell identical to an LR-search run (same run id: the search cell at the best LR) is copied from the
+    search store, relabelled, instead of being trained again."""
+    import json
+
+    from training import results_store
+
+    search = search_storage(spec)
+    copied = 0
+    for c in cells:
+        if stored.get(c.run_id) in ("completed", "diverged"):
+            continue
+        row = results_store.read_run(search, c.run_id)
+        if row is None or row["status"] not in ("completed", "diverged"):
+            continue
+        row.update(sweep=c.run.sweep, variant=c.run.variant, name=c.run.name,
+                   config=json.dumps(c.run.to_dict(), sort_keys=True))
+        results_store.write_run(spec.storage, row, results_store.read_curve(search, c.run_id).to_pylist())
+        stored[c.run_id] = row["status"]
+        copied += 1
+    if copied:
+        print(f"grid: {copied} cell(s) taken from the LR search's identical runs", file=out, flush=True)
+    return copied
+
+
+def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, int]:
+    from ray import tune
+
+    from tuning.progress import Progress
+    from tuning.trainable import cell_payload
+
+    stored = stored_status(spec.storage)
+    if spec.lr.rule == "tuned":
+        reuse_search_runs(spec, cells, stored, out)
+    todo = [c for c in cells if stored.get(c.run_id) not in ("completed", "diverged")]
+    skipped = len(cells) - len(todo)
+    print(f"grid: {len(cells)} cells, {skipped} already in the store, {len(todo)} to run", file=out, flush=True)
+    if todo:
+        progress = Progress("grid", total=len(cells), skipped=skipped, out=out)
+        tuner = tune.Tuner(
+            _trainable(spec),
+            param_space={"cell": tune.grid_search([cell_payload(c.run, r=c.r, label=c.label) for c in todo])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(spec), trial_dirname_creator=_dirname),
+            run_config=_tune_run_config(spec, "grid", [progress]),
+        )
+        tuner.fit()
+        print(progress.summary(), file=out, flush=True)
+    stored = stored_status(spec.storage)
+    counts: dict[str, int] = {}
+    for c in cells:
+        status = stored.get(c.run_id, "missing")
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+# ---- stage 3: the fit ----------------------------------------------------------------------------------------------
+def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
+    """Fit the baseline law (and phi probes for the other variants) with analysis; write law JSON and plots next to
+    the results. Skipped with a message when analysis is not importable or the runs cannot identify the law."""
+    try:
+        import analysis
+    except ImportError as exc:
+        print(f"fit: skipped (analysis not importable: {exc})", file=out, flush=True)
+        return None
+    local = "://" not in spec.storage
+    folder = Path(spec.storage) if local else Path(tempfile.mkdtemp(prefix="law"))
+    base = spec.baseline.name
+    try:
+        law = analysis.fit_law(spec.storage, bootstrap=spec.fit.bootstrap, seed=spec.fit.seed, variant=base)
+    except ValueError as exc:
+        print(f"fit: skipped ({exc})", file=out, flush=True)
+        return None
+    print(f"fit ({base}, {law.n_runs} runs):\n{law.summary()}", file=out, flush=True)
+    law.save(folder / "law.json")
+    for v in spec.variants:
+        if v.name == base or law.phi is None:
+            continue
+        try:
+            probe = analysis.fit_probe(spec.storage, baseline=law, variant=v.name, bootstrap=spec.fit.bootstrap,
+                                       seed=spec.fit.seed)
+        except ValueError as exc:
+            print(f"fit probe {v.name}: skipped ({exc})", file=out, flush=True)
+            continue
+        lo_hi = probe.ci.get("phi")
+        ci = f" (95% CI {lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else ""
+        print(f"fit probe {v.name}: phi = {probe.phi:.3f}{ci} on {probe.n_runs} runs", file=out, flush=True)
+        probe.save(folder / f"law_{v.name}.json")
+    _plots(spec, law, folder / "plots", out)
+    if not local:
+        _upload(folder, spec.storage)
+    print(f"fit: law written to {spec.storage.rstrip('/')}/law.json, plots in {spec.storage.rstrip('/')}/plots/",
+          file=out, flush=True)
+    return law
+
+
+def _plots(spec: SweepSpec, law: Any, folder: Path, out) -> None:
+    try:
+        from analysis import load_runs, plots
+    except ImportError as exc:
+        print(f"fit: plots skipped (analysis.plots not importable: {exc})", file=out, flush=True)
+        return
+    paths = plots.plot_all(load_runs(spec.storage, variant=spec.baseline.name), law, folder)
+    print(f"fit: {len(paths)} plots: {', '.join(Path(p).name for p in paths)}", file=out, flush=True)
+
+
+def _upload(folder: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(folder), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---- driver --------------------------------------------------------------------------------------------------------
+def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, worker_logs: bool = False,
+              out=sys.stdout) -> dict[str, Any]:
+    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law}."""
+    spec = absolute_storage(spec)
+    cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
+    print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
+          f"{[v.name for v in spec.variants]}), LR {spec.lr.rule}, store {spec.storage}", file=out, flush=True)
+    import ray
+
+    api_before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    tmp = connect(num_cpus, worker_logs)
+    try:
+        best = lr_stage(spec, out) if spec.lr.rule == "tuned" else None
+        plan: LRPlan = lr_plan(spec, best)
+        if best is not None:
+            print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
+                  f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
+        cells = expand(spec, plan)
+        counts = grid_stage(spec, cells, out)
+    finally:
+        ray.shutdown()
+        if tmp:
+            if api_before is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = api_before
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"grid result: {counts}", file=out, flush=True)
+    law = fit_stage(spec, out) if fit else None
+    return {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law}
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    parser = argparse.ArgumentParser(prog="python tuning/sweep.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep spec YAML (default: laptop.yaml)")
+    parser.add_argument("--storage", default=None, help="override the spec's storage (folder or pyarrow.fs URI)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--no-fit", action="store_true", help="skip the law fit at the end")
+    parser.add_argument("--worker-logs", action="store_true",
+                        help="stream the Ray workers' output (every Train report) to the console")
+    args = parser.parse_args(argv)
+    try:
+        spec = SweepSpec.from_yaml(args.config)
+        if args.storage:
+            spec = spec.replace(storage=args.storage)
+        validate(absolute_storage(spec))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_sweep(spec, num_cpus=args.num_cpus, fit=not args.no_fit, worker_logs=args.worker_logs)
+    wall = time.perf_counter() - t0
+    missing = result["counts"].get("missing", 0) + result["counts"].get("failed", 0)
+    print(f"sweep wall time: {wall:.1f} s", flush=True)
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
