@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import engine
-from threadpoolctl import threadpool_limits
 from .data import RunTable, load_runs
 from .law import COEFFS, DEFAULT_LEVEL, ScalingLaw, derived_quantities, percentile_interval
 from .objective import DEFAULT_DELTA, I_A, I_B, I_E, I_PHI, N_PARAMS, PARAM_NAMES, FitData
@@ -136,6 +136,10 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         "fit_seconds": round(time.perf_counter() - t0, 3),
         "parameterisation": "log L = LSE(a - alpha*log N_eff, b - beta*log D, e); Huber(delta) on log residuals, summed",
     }
+    if not dense and min(abs(point["phi"] - b) for b in engine.PHI_BOUNDS) < 1e-6:
+        # An optimum pinned to the search bound means these runs do not identify phi: say so, don't clip it away.
+        meta["warning"] = (f"phi sits on its search bound {point['phi']:g}: these runs do not identify it "
+                           "(too few sizes per budget, or runs too short to separate r); do not read it as a result")
     if kind == "probe":
         meta["baseline"] = baseline.coefficients
         meta["note"] = "probe: only phi refitted; other coefficients held at the baseline, so intervals reflect phi alone"

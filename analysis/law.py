@@ -247,6 +247,8 @@ class ScalingLaw:
             lines.append(f"  leave-one-budget-out mean |rel. loss error| = {self.extrapolation_error:.4f}")
         if self.excluded:
             lines.append(f"  {len(self.excluded)} run(s) excluded")
+        if self.meta.get("warning"):
+            lines.append(f"  WARNING: {self.meta['warning']}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

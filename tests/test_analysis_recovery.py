@@ -55,3 +55,13 @@ def test_probe_refits_only_phi():
     lo, hi = probe.ci["phi"]
     assert lo < 0.38 < hi
     np.testing.assert_allclose(probe.draws[:, 2], baseline.alpha)  # draws vary phi alone
+
+
+def test_phi_pinned_at_its_bound_is_flagged_not_reported_as_a_finding():
+    # Runs whose recurrences hurt far more than any phi in the search range allows: the optimum lands on the bound.
+    runs = synthetic_sweep(_planted(-4.0), noise=0.0, seed=0)
+    law = fit_law(runs, bootstrap=0, seed=0, extrapolation=False)
+    assert law.phi == pytest.approx(-1.0)
+    assert "do not identify" in law.meta["warning"] and "WARNING" in law.summary()
+    healthy = fit_law(synthetic_sweep(_planted(0.5), noise=0.0, seed=0), bootstrap=0, seed=0, extrapolation=False)
+    assert "warning" not in healthy.meta
