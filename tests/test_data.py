@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -29,22 +28,11 @@ from training.data import (
     validation_batches,
 )
 from training.prepare import main as prepare_main
-from training.prepare import prepare, remove_ray_temp_dir
+from training.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
 UNICODE_DOC = "naïve café — 東京 😀\r\nTabs\tand  double  spaces\n\n\n  leading spaces, trailing  \n"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
-    yield
-    ray.shutdown()
-    remove_ray_temp_dir(tmp)
 
 
 def _read_docs(out: Path) -> dict[str, list[tuple[int, list[int]]]]:

@@ -1,11 +1,9 @@
 """End to end on a real local Ray cluster with real DeepSpeed (CPU, gloo): train, record, resume, diverge."""
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import json
@@ -24,17 +22,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def tiny_cfg(storage, **changes) -> RunConfig:
     cfg = RunConfig.from_dict({
         "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
@@ -48,7 +35,7 @@ def tiny_cfg(storage, **changes) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_cluster, tmp_path_factory):
+def baseline(ray_local, tmp_path_factory):
     from training.run import execute
 
     storage = tmp_path_factory.mktemp("baseline")
@@ -93,7 +80,7 @@ def test_tensorboard_scalars(baseline):
     assert len(acc.Scalars("train/loss")) == 40
 
 
-def test_zero3_runs(ray_cluster, tmp_path):
+def test_zero3_runs(ray_local, tmp_path):
     from training.run import execute
 
     cfg = tiny_cfg(tmp_path, zero_stage=3, tokens=1024 * 20)
@@ -156,7 +143,7 @@ def test_killed_worker_resumes_exactly_from_checkpoint(baseline, tmp_path):
     assert row["val_loss"] == pytest.approx(base_row["val_loss"], rel=1e-5)
 
 
-def test_failure_beyond_max_failures_is_recorded_then_retried(ray_cluster, tmp_path):
+def test_failure_beyond_max_failures_is_recorded_then_retried(ray_local, tmp_path):
     from training.run import execute
 
     cfg = tiny_cfg(tmp_path, max_failures=0, tokens=1024 * 20)
@@ -175,7 +162,7 @@ def test_failure_beyond_max_failures_is_recorded_then_retried(ray_cluster, tmp_p
     assert len(runs) == 1 and runs.status[0] == "completed"
 
 
-def test_absurd_lr_ends_as_diverged(ray_cluster, tmp_path):
+def test_absurd_lr_ends_as_diverged(ray_local, tmp_path):
     from training.run import execute
 
     cfg = tiny_cfg(tmp_path, optim={"lr": 1e4, "grad_clip": 0.0}, tokens=1024 * 20)

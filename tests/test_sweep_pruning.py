@@ -1,9 +1,6 @@
 """The Optuna pruning bridge on a real local Ray Tune with plain function trainables (no training stack)."""
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 
 import numpy as np
 import optuna
@@ -27,19 +24,6 @@ def regression(config):
     for step in range(1, STEPS + 1):
         w -= config["lr"] * x.T @ (x @ w - y) / len(y)
         tune.report({"val_loss": float(np.mean((x @ w - y) ** 2)), "step": step})
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on the Ray workers
-    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
