@@ -130,7 +130,7 @@ def test_tuned_lr_plan_uses_the_search_cell():
     ({"lr": {"rule": "tuned", "search": {"low": 1e-2, "high": 1e-3}}}, "lr.search.low"),
     ({"lr": {"rule": "tuned", "search": {"pruner_args": {"patience": 3}}}}, "lr.search.pruner_args"),
     ({"lr": {"rule": "tuned", "search": {"budget": 3e10}}}, "lr.search.budget"),
-    ({"lr": {"rule": "tuned"}, "storage": "s3://bucket/sweep"}, "lr.search.storage"),
+    ({"lr": {"rule": "tuned", "search": {"storage": "optuna.db"}}}, "lr.search.storage"),
     ({"resources": {"zero_stage": 5}}, "resources.zero_stage"),
     ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
     ({"variants": {"t": {"bptt_k": "ceil(q/2)"}}}, "variants.t.bptt_k"),
@@ -157,3 +157,14 @@ def test_bad_spec_fails_before_ray_starts(tmp_path):
     assert "lr.search.pruner" in proc.stderr and "median" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_storage_override_is_validated_and_keeps_optuna_on_the_driver(tmp_path):
+    # --storage s3://... with a tuned LR: the study must not land at a sqlite path made from the URI.
+    tuned = small_spec(storage=str(tmp_path / "store"), lr={"rule": "tuned", "search": {"pruner": "median"}})
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(tuned))
+    assert SweepSpec.from_yaml(path, storage=str(tmp_path / "other")).optuna_storage.endswith("other/optuna.db")
+    remote = SweepSpec.from_yaml(path, storage="s3://bucket/looplaw")
+    assert remote.storage == "s3://bucket/looplaw"
+    assert remote.optuna_storage.startswith("sqlite:////") and "s3:" not in remote.optuna_storage

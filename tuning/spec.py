@@ -310,6 +310,10 @@ class SweepSpec:
         search = self.lr.search
         if search is not None and search.storage:
             return search.storage
+        if "://" in self.storage:
+            # Every Optuna call runs in the sweep driver, so a SQLite file on the driver's disk serves a URI store
+            # (resume from the same head node); give lr.search.storage an RDB URL to share the study wider.
+            return f"sqlite:///{Path.home() / '.cache' / 'looplaw' / 'optuna' / (self.name + '.db')}"
         return f"sqlite:///{Path(self.storage).resolve() / 'optuna.db'}"
 
     @classmethod
@@ -373,13 +377,11 @@ class SweepSpec:
                      "pick a compute value from budgets: (usually the smallest)")
             if search.r is not None and search.r not in r_values:
                 fail("lr.search.r", f"{search.r} is not in r {list(r_values)}", "pick one of the sweep's r values")
-            if search.storage is None and "://" in storage:
-                fail("lr.search.storage", f"needed when storage is a URI ({storage})",
-                     "give an RDB URL, e.g. postgresql://user@host/optuna")
         return spec
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+    def from_yaml(cls, path: str | Path, storage: str | None = None) -> "SweepSpec":
+        """`storage` overrides the spec's, before validation."""
         import yaml
 
         path = Path(path)
@@ -389,7 +391,10 @@ class SweepSpec:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             fail("config", f"{path} is not valid YAML ({exc})", "fix the YAML syntax")
-        return cls.from_dict(data or {})
+        data = data or {}
+        if storage and isinstance(data, dict):
+            data = {**data, "storage": storage}
+        return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "SweepSpec":
         return dataclasses.replace(self, **changes)

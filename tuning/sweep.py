@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stream the Ray workers' output (every Train report) to the console")
     args = parser.parse_args(argv)
     try:
-        spec = SweepSpec.from_yaml(args.config)
-        if args.storage:
-            spec = spec.replace(storage=args.storage)
+        spec = SweepSpec.from_yaml(args.config, storage=args.storage)
         validate(absolute_storage(spec))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
