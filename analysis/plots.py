@@ -24,6 +24,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+    return path
+
+
 class _FamilyOfR:
     """F(N_unique) and N_rec share for one r, fitted to that r's runs."""
 
@@ -73,10 +80,7 @@ def plot_loss_vs_compute(table: RunTable, law: ScalingLaw, path: Path) -> Path:
     ax.set_ylabel("validation loss (nats)")
     ax.set_title("Loss vs compute, fitted law per r")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_isoflop(table: RunTable, law: ScalingLaw, path: Path) -> Path:
@@ -102,10 +106,7 @@ def plot_isoflop(table: RunTable, law: ScalingLaw, path: Path) -> Path:
         ax.set_title(f"IsoFLOP profiles, r={r:g}")
     axes[0][0].set_ylabel("validation loss (nats)")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_phi_bootstrap(law: ScalingLaw, path: Path) -> Path:
@@ -128,10 +129,7 @@ def plot_phi_bootstrap(law: ScalingLaw, path: Path) -> Path:
         ax.set_xlabel("phi")
         ax.set_ylabel("draws")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_residuals(table: RunTable, law: ScalingLaw, path: Path) -> Path:
@@ -149,10 +147,7 @@ def plot_residuals(table: RunTable, law: ScalingLaw, path: Path) -> Path:
     ax.set_ylabel("residual: actual / predicted - 1 (%)")
     ax.set_title("Residuals of the fitted law")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_all(table: RunTable, law: ScalingLaw, out_dir: str | Path) -> list[Path]:
