@@ -119,18 +119,24 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: dict, deadline:
         time.sleep(0.05)
 
 
-def test_killed_worker_resumes_exactly_from_checkpoint(baseline, tmp_path):
+def _execute_killing_a_worker(cfg, tmp_path):
+    """Run `cfg` while a thread SIGKILLs one Train worker after the first checkpoint; returns (row, what was killed)."""
     from training.run import execute
 
-    base_cfg, base_row = baseline
-    cfg = tiny_cfg(tmp_path)
-    assert cfg.run_id == base_cfg.run_id
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(tmp_path / "ray" / cfg.run_id, killed, time.time() + 300), daemon=True)
     killer.start()
     row = execute(cfg)
     killer.join(timeout=1)
+    return row, killed
+
+
+def test_killed_worker_resumes_exactly_from_checkpoint(baseline, tmp_path):
+    base_cfg, base_row = baseline
+    cfg = tiny_cfg(tmp_path)
+    assert cfg.run_id == base_cfg.run_id
+    row, killed = _execute_killing_a_worker(cfg, tmp_path)
     assert killed, "the test never saw a checkpoint to kill after"
     assert row["status"] == "completed", row.get("error")
     assert row["restarts"] >= 1, "the worker group must have restarted from a checkpoint"
@@ -147,12 +153,7 @@ def test_failure_beyond_max_failures_is_recorded_then_retried(ray_local, tmp_pat
     from training.run import execute
 
     cfg = tiny_cfg(tmp_path, max_failures=0, tokens=1024 * 20)
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(tmp_path / "ray" / cfg.run_id, killed, time.time() + 300), daemon=True)
-    killer.start()
-    row = execute(cfg)
-    killer.join(timeout=1)
+    row, killed = _execute_killing_a_worker(cfg, tmp_path)
     assert killed and row["status"] == "failed" and row["error"]
     assert results_store.read_run(cfg.storage, cfg.run_id)["status"] == "failed"
     # a failure is the infrastructure's, not a result: executing again trains (resuming) and replaces the row
