@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -107,10 +106,6 @@ def _set_rng_state(encoded: str) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()))
 
 
-def _local_storage(storage: str) -> str | None:
-    return None if "://" in storage else os.path.abspath(storage)
-
-
 class _Diverged(Exception):
     pass
 
@@ -126,6 +121,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from models import LoopedLM
     from training.loader import TokenLoader, bits_per_byte, load_meta, validation_batches
     from training.monitor import Scalars, device_peak_flops, mfu
+    from training.run import storage_root
 
     cfg = RunConfig.from_dict(config["run"])
     data_dir = config["data_dir"]
@@ -173,8 +169,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         _set_rng_state(state["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
 
-    storage = _local_storage(cfg.storage)
-    logdir = f"{storage}/tensorboard/{cfg.run_id}" if (rank == 0 and storage) else None
+    logdir = f"{storage_root(cfg)}/tensorboard/{cfg.run_id}" if rank == 0 else None
     scalars = Scalars(logdir)
     peak = device_peak_flops(on_gpu, threads)
     flops = cfg.flops_per_token

@@ -61,8 +61,13 @@ class Scalars:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(logdir, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=logdir)
+        if "://" not in logdir:
+            self._writer = SummaryWriter(log_dir=logdir)
+            return
+        try:  # a pyarrow.fs-style URI store: TensorBoard's own file layer writes s3:// (with boto3) and gs://
+            self._writer = SummaryWriter(log_dir=logdir)
+        except Exception as exc:  # losing the curves' TensorBoard copy must not lose the run (curves/ keeps them)
+            print(f"warning: no TensorBoard scalars at {logdir}: {type(exc).__name__}: {exc}", flush=True)
 
     def log(self, step: int, **scalars: float | None) -> None:
         if self._writer is None:
