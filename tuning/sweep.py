@@ -127,6 +127,8 @@ def lr_stage(spec: SweepSpec, out=sys.stdout) -> float:
     s = spec.lr.search
     if "://" not in spec.storage:
         Path(spec.storage).mkdir(parents=True, exist_ok=True)
+    if spec.optuna_storage.startswith("sqlite:///"):  # SQLite opens a file but never makes its folder
+        Path(spec.optuna_storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(f"{spec.name}-lr", spec.optuna_storage, pruner=make_pruner(s.pruner, s.startup_trials,
                        dict(s.pruner_args)), seed=s.seed, startup_trials=s.startup_trials)
