@@ -1,7 +1,7 @@
 """Step-time benchmark: what Ray Train + DeepSpeed costs over bare PyTorch on the same model, batch and threads.
 
 CPU (default), in one run: bare PyTorch steps in this process and the same steps inside a 1-worker Ray
-TorchTrainer through the training loop's own engine and step functions (training.loop.build_engine / train_step),
+TorchTrainer through the training loop's own engine and step functions (training.optim.build_engine, training.loop.train_step),
 alternating round by round so both see the same background load. Prints tokens/s and MFU for both and the
 ratio of median step times (goal <= 1.05), on wall and on CPU time.
 
@@ -110,7 +110,8 @@ def ray_worker(config: dict) -> list[tuple[float, float]]:
     Steps in rounds, each started by the driver through a file in `sync`, so that Ray and bare rounds alternate
     and share whatever else loads the machine at the time."""
     from models import LoopedLM
-    from training.loop import build_engine, configure_cpu, global_mean, train_step
+    from training.loop import configure_cpu, global_mean, train_step
+    from training.optim import build_engine
 
     cfg = RunConfig.from_dict(config["run"])
     configure_cpu(config["threads"])

@@ -19,23 +19,11 @@ import torch
 import torch.distributed as dist
 
 from training.config import RunConfig
-from training.optim import apply_lr, deepspeed_config, param_groups
+from training.optim import apply_lr, build_engine
 
 SPIKE_WINDOW = 20  # steps in the running mean the spike guard compares against
 SPIKE_MIN_HISTORY = 5  # no spike verdict before this many steps: early losses fall fast
 DS_TAG = "ds"
-
-
-def _skip_shm_comm_op() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory comm op (~75 s on a fresh machine).
-
-    The op only serves `inference_all_reduce`; training collectives go through the torch process group.
-    DeepSpeed builds it when its comm backend starts if its compatibility table says it can, and it keeps
-    that table as an editable module-level dict, so marking the op unavailable there is the supported switch.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def configure_cpu(threads: int) -> None:
@@ -43,16 +31,6 @@ def configure_cpu(threads: int) -> None:
     Adam moments otherwise hit the slow denormal path, measured 1.5-3x slower steps on CPU."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-
-
-def build_engine(model: torch.nn.Module, cfg: RunConfig, on_gpu: bool):
-    """Wrap `model` in a DeepSpeed engine with the run's ZeRO stage, accumulation, clipping and AdamW groups."""
-    import deepspeed
-
-    _skip_shm_comm_op()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
-                                           config=deepspeed_config(cfg, on_gpu))
-    return engine
 
 
 def train_step(engine, batches, grad_accum: int, device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""AdamW parameter groups, the LR schedule and the DeepSpeed config of a run."""
+"""The optimizer of a run: parameter groups, the LR schedule, the DeepSpeed config and the engine built from them."""
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from training.config import RunConfig
@@ -67,3 +68,25 @@ def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
         # from being invalidated by the varying module order of recurrence sampling.
         config["zero_optimization"].update({"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0})
     return config
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op (~75 s on a fresh machine).
+
+    The op only serves `inference_all_reduce`; training collectives go through the torch process group.
+    DeepSpeed builds it when its comm backend starts if its compatibility table says it can, and it keeps
+    that table as an editable module-level dict, so marking the op unavailable there is the supported switch.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, on_gpu: bool):
+    """Wrap `model` in a DeepSpeed engine with the run's ZeRO stage, accumulation, clipping and AdamW groups."""
+    import deepspeed
+
+    _skip_shm_comm_op()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
+                                           config=deepspeed_config(cfg, on_gpu))
+    return engine
