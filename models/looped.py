@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import LoopedConfig
+from models.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -193,6 +194,7 @@ class LoopedLM(nn.Module):
         return int(min(max(int(torch.poisson(torch.tensor(rate))), 1), cfg.sample_r_max))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, r: int | None = None):
+        """(logits, None) without targets; (None, mean loss in nats) with them (see models.loss)."""
         cfg = self.cfg
         if r is None:
             r = self.sample_recurrences() if (self.training and cfg.sample_r_mean is not None) else cfg.r
@@ -210,13 +212,14 @@ class LoopedLM(nn.Module):
         state = self._recur(x, r, cos, sin)
         for block in self.coda:
             state = block(state, cos, sin)
-        logits = self.lm_head(self.final_norm(state)).float()
+        h = self.final_norm(state)
+        if targets is not None:
+            # Training and evaluation never need the logits, only the loss: skip the [B, T, V] fp32 tensor.
+            return None, linear_cross_entropy(h, self.lm_head.weight, targets, cfg.softcap)
+        logits = self.lm_head(h).float()
         if cfg.softcap:
             logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None
 
     def _recur(self, e: torch.Tensor, r: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         inj = self.injection

@@ -73,7 +73,8 @@ class OptimConfig:
 
 
 # Fields that label or place a run but do not change what is trained: excluded from the run id.
-_NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker")
+_NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker",
+               "log_every", "compile")
 
 _FAMILIES = ("explicit", "reference", "tiny")
 
@@ -95,6 +96,8 @@ class RunConfig:
     seed: int = 0
     storage: str = "results"  # results store + Ray Train storage + TensorBoard (local path or pyarrow.fs URI)
     eval_every: int = 50
+    log_every: int = 10  # steps between host syncs: loss and grad norm reach the host (and the guard) this often
+    compile: bool | None = None  # torch.compile the model; None: on GPU only (inductor on CPU costs more than it saves)
     val_tokens: int = 65536
     spike_factor: float = 4.0  # loss > spike_factor x running mean => diverged
     max_failures: int = 2
@@ -132,6 +135,10 @@ class RunConfig:
         if not isinstance(self.storage, str) or not self.storage:
             _fail("storage", f"must be a path or URI, got {self.storage!r}", "use e.g. storage: results")
         _positive_int("eval_every", self.eval_every)
+        _positive_int("log_every", self.log_every)
+        if self.compile is not None and not isinstance(self.compile, bool):
+            _fail("compile", f"must be true, false or null (auto: on GPU only), got {self.compile!r}",
+                  "use compile: true / false, or leave it out")
         _positive_int("checkpoint_every", self.checkpoint_every)
         _positive_int("val_tokens", self.val_tokens)
         _positive_float("spike_factor", self.spike_factor)
@@ -155,6 +162,9 @@ class RunConfig:
                   f"{self.batch_tokens}", "raise the budget or lower batch_tokens")
 
     # ---- derived -------------------------------------------------------------------------------------------
+    def compile_enabled(self, on_gpu: bool) -> bool:
+        return on_gpu if self.compile is None else self.compile
+
     @property
     def grad_accum(self) -> int:
         return self.batch_tokens // (self.micro_batch * self.model.seq_len * self.num_workers)
@@ -199,6 +209,8 @@ class RunConfig:
             "seed": self.seed,
             "storage": self.storage,
             "eval_every": self.eval_every,
+            "log_every": self.log_every,
+            "compile": self.compile,
             "val_tokens": self.val_tokens,
             "spike_factor": self.spike_factor,
             "max_failures": self.max_failures,

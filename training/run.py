@@ -130,14 +130,12 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
 
 
 def _summary_from_checkpoint(checkpoint) -> dict[str, Any] | None:
+    from training.trainer import read_summary
+
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        path = os.path.join(folder, "state.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f).get("summary")
+        return read_summary(folder)
 
 
 def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
