@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import RunConfig
+from training.depth_eval import evaluate, evaluate_depths
 from training.optim import apply_lr, build_engine
 
 SPIKE_WINDOW = 20  # steps in the running mean the spike guard compares against
@@ -52,21 +53,6 @@ def global_mean(value: torch.Tensor) -> float:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return float(t)
-
-
-@torch.no_grad()
-def evaluate(engine, batches: list, device: torch.device) -> float:
-    """Mean held-out loss (nats/token) over every rank's batches; every rank runs the same number of forwards."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
-        _, loss = engine(x.to(device), y.to(device))
-        total[0] += float(loss) * y.numel()
-        total[1] += y.numel()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-    engine.train()
-    return float(total[0] / total[1])
 
 
 def _grad_norm(engine) -> float | None:
@@ -235,6 +221,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         diverged = True
         state["diverged_reason"] = str(exc)
 
+    # Test-time depth (evaluation only): the finished model's held-out loss at each of cfg.depths.
+    depths = [] if diverged else evaluate_depths(engine, val_batches, cfg.depths, device, meta)
+
     seconds = state["train_seconds"]
     tokens_per_second = state["train_tokens_timed"] / seconds if seconds > 0 else math.nan
     summary = {
@@ -250,6 +239,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "restarts": state["restarts"],
         "train_seconds": seconds,
         "curve": state["curve"],
+        "depths": depths,
     }
     state.update(done=True, summary=summary)
     report(done=True, diverged=diverged, with_checkpoint=True)
