@@ -5,7 +5,9 @@ Only numpy/scipy/pandas/pyarrow are imported here; plotting (matplotlib) and des
 """
 
 from .data import RunTable, load_epoch_chinchilla, load_runs
+from .depth import depth_curves, fit_depth_curve
 from .fit import fit_law, fit_probe
 from .law import Estimate, ScalingLaw
 
-__all__ = ["Estimate", "RunTable", "ScalingLaw", "fit_law", "fit_probe", "load_epoch_chinchilla", "load_runs"]
+__all__ = ["Estimate", "RunTable", "ScalingLaw", "depth_curves", "fit_depth_curve", "fit_law", "fit_probe",
+           "load_epoch_chinchilla", "load_runs"]

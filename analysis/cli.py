@@ -1,4 +1,5 @@
-"""`python -m analysis fit|query|plot`: fit a law from a store or table, query a saved law, draw figures."""
+"""`python -m analysis fit|query|plot|depth`: fit a law from a store or table, query a saved law, draw figures,
+and fit each looped run's test-time depth curve."""
 
 from __future__ import annotations
 
@@ -69,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples when fitting here")
     plot.add_argument("--form", choices=("auto", "looped", "dense"), default="auto")
     _add_selection(plot)
+
+    depth = sub.add_parser("depth", help="test-time depth: loss vs evaluation r per run, saturating-exponential fit",
+                           description="Print one line per looped run: its loss at the trained and largest evaluated "
+                                       "r, the gain between them, and the fit L(r) = asymptote + amplitude * "
+                                       "exp(-rate * r) (Parcae's form) with bootstrap intervals.")
+    depth.add_argument("source", help="results store folder/URI (its depths/ tables)")
+    depth.add_argument("--plot", help="write the figure (val loss vs eval r, fitted curves) to this PNG")
+    depth.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
+    depth.add_argument("--seed", type=int, default=0)
+    depth.add_argument("--variant", help="only runs of this variant")
     return parser
 
 
@@ -118,12 +129,25 @@ def _cmd_plot(a) -> dict:
     return {"figures": [str(p) for p in plot_all(table, law, a.out)]}
 
 
+def _cmd_depth(a) -> str:
+    from .depth import curves_table, fit_runs, format_curves, load_depths
+
+    points = load_depths(a.source, variant=a.variant)
+    fits = fit_runs(points, bootstrap=a.bootstrap, seed=a.seed)
+    text = format_curves(curves_table(points, fits))
+    if a.plot:
+        from .plots import plot_depth_curves
+
+        text += f"\nplot: {plot_depth_curves(points, fits, a.plot)}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        result = {"fit": _cmd_fit, "query": _cmd_query, "plot": _cmd_plot}[a.command](a)
+        result = {"fit": _cmd_fit, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth}[a.command](a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1, default=str))
+    print(result if isinstance(result, str) else json.dumps(result, indent=1, default=str))
     return 0

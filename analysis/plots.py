@@ -7,6 +7,7 @@ the median N_rec share), so any store can be plotted without knowing the model f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,33 @@ def plot_all(table: RunTable, law: ScalingLaw, out_dir: str | Path) -> list[Path
         plot_phi_bootstrap(law, out / "phi_bootstrap.png"),
         plot_residuals(table, law, out / "residuals.png"),
     ]
+
+
+def plot_depth_curves(points, fits: dict, path: str | Path) -> Path:
+    """Test-time depth: held-out loss vs evaluation r, one panel per (variant, trained r), each run's points with
+    its fitted saturating exponential; `points` is analysis.depth.load_depths' table, `fits` fit_runs' dict."""
+    plt = _pyplot()
+    panels = list(points.groupby(["variant", "trained_r"], sort=True))
+    cols = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.6 * rows_n), squeeze=False)
+    for ax, ((variant, trained_r), panel) in zip(axes.flat, panels):
+        runs = list(panel.groupby("run_id", sort=False))
+        for (run_id, g), color in zip(runs, _colors(range(len(runs))).values()):
+            fit = fits[run_id]
+            first = g.iloc[0]
+            ax.scatter(g["eval_r"], g["val_loss"], s=16, color=color,
+                       label=f"d={first['d_model']} C={first['compute']:.2g}")
+            grid = np.linspace(1, g["eval_r"].max(), 200)
+            ax.plot(grid, fit.predict(grid), color=color, lw=1.2)
+        ax.axvline(trained_r, color="k", ls=":", lw=1)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"{variant + ': ' if variant else ''}trained r={trained_r}")
+        ax.set_xlabel("recurrences at evaluation")
+        ax.set_ylabel("validation loss (nats)")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(plt, fig, path)

@@ -74,7 +74,7 @@ class OptimConfig:
 
 # Fields that label or place a run but do not change what is trained: excluded from the run id.
 _NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker",
-               "log_every", "compile")
+               "log_every", "compile", "eval_depths")
 
 _FAMILIES = ("explicit", "reference", "tiny")
 
@@ -102,6 +102,8 @@ class RunConfig:
     spike_factor: float = 4.0  # loss > spike_factor x running mean => diverged
     max_failures: int = 2
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
+    # Test-time depths: held-out loss at these r after training (looped models only); None: 1, 2, ..., 2r.
+    eval_depths: tuple[int, ...] | None = None
     name: str = ""
     sweep: str = ""
     variant: str = ""
@@ -145,6 +147,8 @@ class RunConfig:
         if self.spike_factor <= 1:
             _fail("spike_factor", f"must be > 1, got {self.spike_factor!r}", "use e.g. 4.0")
         _positive_int("max_failures", self.max_failures, minimum=-1)
+        if self.eval_depths is not None:
+            object.__setattr__(self, "eval_depths", _depth_list(self.eval_depths))
         for name in ("name", "sweep", "variant"):
             if not isinstance(getattr(self, name), str):
                 _fail(name, f"must be a string, got {getattr(self, name)!r}", "quote it in the YAML")
@@ -183,6 +187,15 @@ class RunConfig:
         return int(round(self.target_tokens / self.batch_tokens))
 
     @property
+    def depths(self) -> tuple[int, ...]:
+        """The r values the finished model is evaluated at: none for r = 1 (nothing recurs), else `eval_depths`
+        (default 1..2r) with the trained r always among them, so the depth table meets the final loss."""
+        r = self.model.r
+        if r == 1:
+            return ()
+        return tuple(sorted(set(self.eval_depths or range(1, 2 * r + 1)) | {r}))
+
+    @property
     def train_tokens(self) -> int:
         return self.steps * self.batch_tokens
 
@@ -215,6 +228,7 @@ class RunConfig:
             "spike_factor": self.spike_factor,
             "max_failures": self.max_failures,
             "checkpoint_every": self.checkpoint_every,
+            "eval_depths": None if self.eval_depths is None else list(self.eval_depths),
             "name": self.name,
             "sweep": self.sweep,
             "variant": self.variant,
@@ -303,6 +317,17 @@ def _number(name: str, value: Any) -> float:
         except ValueError:
             _fail(name, f"must be a number, got {value!r}", "write e.g. 1.0e15")
     return value
+
+
+def _depth_list(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail("eval_depths", f"must be a non-empty list of recurrence counts, got {value!r}",
+              "write e.g. eval_depths: [1, 2, 4, 8], or leave it out for 1..2r")
+    for r in value:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            _fail("eval_depths", f"every evaluation r must be an integer >= 1, got {r!r} in {list(value)}",
+                  "drop it: r = 0 runs no recurrence (the model needs at least one)")
+    return tuple(sorted(set(value)))
 
 
 def _build(cls: type, values: Any, section: str) -> Any:

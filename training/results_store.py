@@ -3,9 +3,11 @@
 Layout under STORE (a local folder or any pyarrow.fs URI such as s3://bucket/prefix):
     STORE/runs/<run_id>.parquet     one row, schema RUN_SCHEMA
     STORE/curves/<run_id>.parquet   the loss curve, schema CURVE_SCHEMA
+    STORE/depths/<run_id>.parquet   held-out loss at each test-time depth (looped runs only), schema DEPTH_SCHEMA
 Files are written to a dot-prefixed temp name and renamed, so readers (pyarrow.dataset and pandas skip names
 starting with '.' or '_') never see half a file, and the file name is the run id, so writing a run twice
-replaces its row instead of duplicating it. The curve is written before the row: a row implies its curve.
+replaces its row instead of duplicating it. The curve and depth table are written before the row: a row implies
+them.
 """
 from __future__ import annotations
 
@@ -84,6 +86,15 @@ CURVE_SCHEMA = pa.schema([
     pa.field("lr", pa.float64()),
 ])
 
+DEPTH_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("eval_r", pa.int64(), metadata={"doc": "recurrences run at evaluation"}),
+    pa.field("trained_r", pa.int64(), metadata={"doc": "recurrences the model was trained with"}),
+    pa.field("val_loss", pa.float64(), metadata={"doc": "held-out loss, nats per token, same tokens as the run's"}),
+    pa.field("val_bpb", pa.float64(), metadata={"doc": "held-out bits per byte"}),
+    pa.field("seconds", pa.float64(), metadata={"doc": "wall time of this depth's evaluation (rank 0)"}),
+])
+
 # Columns a row must carry; the rest default to null.
 REQUIRED = ("run_id", "status", "d_model", "r", "n_once", "n_rec", "flops_per_token", "tokens", "compute", "val_loss")
 
@@ -144,6 +155,31 @@ def write_run(store: str | os.PathLike, row: Mapping[str, Any], curve: Iterable[
     fs, root = _resolve(store)
     _atomic_write(fs, f"{root}/curves", f"{run_id}.parquet", curve_table(run_id, curve))
     _atomic_write(fs, f"{root}/runs", f"{run_id}.parquet", table)
+
+
+def depth_table(run_id: str, depths: Iterable[Mapping[str, Any]]) -> pa.Table:
+    rows = [{"run_id": run_id, **{k: point.get(k) for k in DEPTH_SCHEMA.names[1:]}} for point in depths]
+    bad = [row["eval_r"] for row in rows if not isinstance(row["eval_r"], int) or row["eval_r"] < 1]
+    if bad:
+        raise ValueError(f"depths.eval_r: {bad} are not recurrence counts; every eval_r must be an integer >= 1")
+    return pa.Table.from_pylist(rows, schema=DEPTH_SCHEMA)
+
+
+def write_depths(store: str | os.PathLike, run_id: str, depths: Iterable[Mapping[str, Any]]) -> None:
+    """Write (or replace) the run's test-time depth table atomically; write it before the run's row."""
+    table = depth_table(_check_run_id(run_id), depths)
+    fs, root = _resolve(store)
+    _atomic_write(fs, f"{root}/depths", f"{run_id}.parquet", table)
+
+
+def read_depths(store: str | os.PathLike, run_id: str | None = None) -> pa.Table:
+    """Every run's depth rows (one run's with `run_id`); an empty DEPTH_SCHEMA table when there are none."""
+    fs, root = _resolve(store)
+    path = f"{root}/depths" if run_id is None else f"{root}/depths/{_check_run_id(run_id)}.parquet"
+    kind = fs.get_file_info(path).type
+    if kind not in (pafs.FileType.Directory, pafs.FileType.File):
+        return DEPTH_SCHEMA.empty_table()
+    return ds.dataset(path, filesystem=fs, format="parquet", schema=DEPTH_SCHEMA).to_table()
 
 
 def has_run(store: str | os.PathLike, run_id: str) -> bool:

@@ -170,6 +170,9 @@ def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     row = make_row(cfg, summary, status="failed" if summary is None else None, wall_seconds=wall,
                    started_at=started, finished_at=dt.datetime.now(dt.timezone.utc), error=error)
+    depths = (summary or {}).get("depths") or ()
+    if depths:
+        results_store.write_depths(store, cfg.run_id, [{**d, "trained_r": cfg.model.r} for d in depths])
     results_store.write_run(store, row, (summary or {}).get("curve", ()))
     return row
 
@@ -221,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     if row.get("error"):
         print(f"  ({row['error']})", flush=True)
     print(f"row written to {storage_root(cfg)}/runs/{row['run_id']}.parquet", flush=True)
+    depths = results_store.read_depths(storage_root(cfg), row["run_id"]).to_pylist()
+    if depths:
+        losses = "  ".join(f"r={d['eval_r']}: {d['val_loss']:.4f}" for d in depths)
+        print(f"test-time depth val_loss {losses}  ({sum(d['seconds'] for d in depths):.1f} s of evaluation; "
+              f"table in {storage_root(cfg)}/depths/)", flush=True)
     return 1 if row["status"] == "failed" else 0
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import RunConfig
+from training.depth_eval import evaluate, evaluate_depths
 from training.optim import apply_lr, build_engine
 
 SPIKE_WINDOW = 20  # logged windows in the running mean the spike guard compares against
@@ -175,18 +176,16 @@ class Trainer:
         if self.batches is None:
             self.batches = BatchPrefetcher(self.loader, self.device)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean held-out loss (nats/token) over every rank's batches; every rank runs the same number of forwards."""
-        self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for x, y in self.val_batches:
-            _, loss = self.engine(x.to(self.device), y.to(self.device))
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
-        global_sum(total)
-        self.engine.train()
-        return float(total[0] / total[1])
+        return evaluate(self.engine, self.val_batches, self.device)
+
+    def evaluate_depths(self) -> list[dict[str, Any]]:
+        """Held-out loss at each of the run's test-time depths (cfg.depths), eagerly: a whole-forward graph is
+        specialised to the trained r and would recompile for every other one."""
+        module = self.engine.module
+        module.__dict__.pop("forward", None)  # drop the compiled forward; compiled blocks serve any r
+        return evaluate_depths(self.engine, self.val_batches, self.cfg.depths, self.device, self.meta)
 
     @torch.no_grad()
     def state_norms(self) -> list[float]:
@@ -299,6 +298,8 @@ class Trainer:
             self.batches.close()
 
         diverged = diverged_reason is not None
+        # Test-time depth (evaluation only): the finished model's held-out loss at each of cfg.depths.
+        depths = [] if diverged else self.evaluate_depths()
         if state.train_seconds == 0 and first_window is not None:
             state.train_seconds, state.train_tokens_timed = first_window
         seconds = state.train_seconds
@@ -316,6 +317,7 @@ class Trainer:
             "restarts": state.restarts,
             "train_seconds": seconds,
             "curve": state.curve,
+            "depths": depths,
         }
         metrics.update(done=1, diverged=int(diverged))
         report(dict(metrics), True, summary)

@@ -16,7 +16,7 @@ PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 LR_RULES = ("fixed", "tuned")
 # Keys of the training recipe a spec may set; the sweep owns model, budget, storage, resources and labels.
 RECIPE_KEYS = ("optim", "batch_tokens", "micro_batch", "seed", "eval_every", "val_tokens", "spike_factor",
-               "max_failures", "checkpoint_every")
+               "max_failures", "checkpoint_every", "eval_depths")
 
 
 def fail(name: str, problem: str, fix: str) -> None:

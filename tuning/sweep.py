@@ -5,7 +5,8 @@
 
 Stages: (1) the LR search (when the spec's LR rule is `tuned`): TPE over log-LR at one small cell, bad trials
 pruned by the Optuna pruner through tuning.pruning; (2) the grid: one Tune trial per cell not yet in the results
-store, LR transferred from the search; (3) the fit (analysis, when importable): law JSON and plots in the store.
+store, LR transferred from the search; (3) the fit (analysis, when importable): law JSON and plots in the store,
+and per variant whether test-time recurrences beyond the trained r help or hurt.
 Rerunning the same spec resumes: stored runs are skipped, interrupted ones relaunched (training resumes them from
 their checkpoints), the Optuna study reopened. Attaches to RAY_ADDRESS when set, else starts a private local Ray.
 """
@@ -211,6 +212,9 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
             continue
         row.update(sweep=c.run.sweep, variant=c.run.variant, name=c.run.name,
                    config=json.dumps(c.run.to_dict(), sort_keys=True))
+        depths = results_store.read_depths(search, c.run_id).to_pylist()
+        if depths:
+            results_store.write_depths(spec.storage, c.run_id, depths)
         results_store.write_run(spec.storage, row, results_store.read_curve(search, c.run_id).to_pylist())
         stored[c.run_id] = row["status"]
         copied += 1
@@ -289,6 +293,22 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
     return law
 
 
+def depth_stage(spec: SweepSpec, out=sys.stdout) -> list[dict[str, Any]]:
+    """Per variant: do test-time recurrences beyond the trained r help or hurt on average (analysis.depth)?"""
+    try:
+        from analysis.depth import depth_curves, variant_verdicts
+
+        verdicts = variant_verdicts(depth_curves(spec.storage, bootstrap=0))
+    except (ImportError, ValueError) as exc:
+        print(f"test-time depth: skipped ({exc})", file=out, flush=True)
+        return []
+    for v in verdicts:
+        print(f"test-time depth {v['variant'] or '-'}: extra recurrences {v['verdict']} on average (loss "
+              f"{-v['mean_gain']:+.4f} nats from trained r to the largest evaluated r; {v['n_help']}/{v['n_runs']} "
+              f"runs improve); `python -m analysis depth {spec.storage}` for the table", file=out, flush=True)
+    return verdicts
+
+
 def _plots(spec: SweepSpec, law: Any, folder: Path, out) -> None:
     try:
         from analysis import load_runs, plots
@@ -310,7 +330,7 @@ def _upload(folder: Path, uri: str) -> None:
 # ---- driver --------------------------------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, worker_logs: bool = False,
               out=sys.stdout) -> dict[str, Any]:
-    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law}."""
+    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth}."""
     spec = absolute_storage(spec)
     cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
     print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
@@ -337,7 +357,8 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"grid result: {counts}", file=out, flush=True)
     law = fit_stage(spec, out) if fit else None
-    return {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law}
+    depth = depth_stage(spec, out) if fit else []
+    return {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth}
 
 
 def main(argv: list[str] | None = None) -> int:
