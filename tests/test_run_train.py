@@ -188,3 +188,25 @@ def test_cli_runs_tiny_yaml(tmp_path):
     runs = pd.read_parquet(tmp_path / "runs")
     assert len(runs) == 1 and runs.status[0] == "completed"
     assert runs.val_loss[0] < math.log(1024)
+
+
+def test_branch_rows_are_written_once_and_survive_a_killed_worker(ray_local, tmp_path):
+    """A multi-horizon run writes its cooldown branch as a row of its own (the id of the run trained to that horizon,
+    its parent named), also when a worker dies mid-run; executing it again trains nothing."""
+    from training.run import execute
+
+    cfg = tiny_cfg(tmp_path, optim={"lr": 3e-3, "embed_lr_mult": 10.0, "schedule": "wsd"}, tokens=1024 * 30,
+                   horizons=[1024 * 20])
+    row, killed = _execute_killing_a_worker(cfg, tmp_path)
+    assert killed and row["status"] == "completed" and row["restarts"] >= 1, row.get("error")
+    runs = pd.read_parquet(f"{cfg.storage}/runs").set_index("run_id")
+    branch_id = cfg.branch_config(1024 * 20).run_id
+    assert set(runs.index) == {cfg.run_id, branch_id}
+    branch = runs.loc[branch_id]
+    assert branch.parent_run_id == cfg.run_id and branch.tokens == 1024 * 20 and branch.status == "completed"
+    assert branch.compute == pytest.approx(cfg.flops_per_token * 1024 * 20)
+    assert branch.compute_spent == pytest.approx(cfg.flops_per_token * 1024 * 4)  # its cooldown: 20% of 20 steps
+    assert runs.loc[cfg.run_id].compute_spent == pytest.approx(cfg.flops_per_token * 1024 * 34)
+    assert math.isfinite(branch.val_loss) and branch.val_loss < math.log(512)
+    again = execute(cfg)
+    assert again["finished_at"] == row["finished_at"] and len(pd.read_parquet(f"{cfg.storage}/runs")) == 2

@@ -155,3 +155,34 @@ def test_trainer_resumes_exactly_from_its_client_state(synthetic_data, tmp_path)
         assert a["step"] == b["step"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_cooldown_branch_equals_the_run_trained_to_its_horizon(synthetic_data, tmp_path):
+    """A wsd run with a horizon branches a cooldown off its stable phase: the branch's final loss is the loss of an
+    independent run to that horizon, and the main run goes on as if no branch had run."""
+    from training.config import RunConfig
+    from training.trainer import Trainer
+
+    _single_process_group()
+    cfg = RunConfig.from_dict({
+        "model": {"family": "tiny", "r": 2, "d_model": 32, "head_dim": 16, "rec_depth": 4, "vocab_size": 128,
+                  "seq_len": 32},
+        "optim": {"schedule": "wsd", "cooldown_frac": 0.5, "lr": 3e-3},
+        "budget": {"tokens": 256 * 12}, "batch_tokens": 256, "micro_batch": 4, "zero_stage": 1,
+        "eval_every": 6, "log_every": 2, "checkpoint_every": 100, "val_tokens": 256, "storage": str(tmp_path),
+        "horizons": [256 * 6],
+    })
+    assert cfg.horizon_steps == [6, 12] and cfg.optim.cooldown_start(6) == 3
+    with_branch = Trainer(cfg, synthetic_data).fit(lambda *a: None)
+    (branch,) = with_branch["branches"]
+    assert branch["steps"] == 6 and branch["cooldown_steps"] == 3 and branch["status"] == "completed"
+    assert with_branch["steps_trained"] == 12 + 3
+
+    alone = Trainer(cfg.branch_config(256 * 6), synthetic_data).fit(lambda *a: None)
+    assert alone["steps"] == 6 and not alone["branches"]
+    assert branch["val_loss"] == pytest.approx(alone["val_loss"], abs=1e-5)
+
+    main_only = Trainer(cfg.replace(horizons=None), synthetic_data).fit(lambda *a: None)
+    assert [p["val_loss"] for p in with_branch["curve"]] == pytest.approx(
+        [p["val_loss"] for p in main_only["curve"]], abs=1e-5)

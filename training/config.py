@@ -33,9 +33,16 @@ def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
         _fail(name, f"must be a finite number {bound}, got {value!r}", f"set it to a number {bound}")
 
 
+SCHEDULES = ("linear", "wsd")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with three parameter groups and a warmup-free linear decay to `final_lr_frac` of the peak.
+    """AdamW with three parameter groups and a warmup-free schedule down to `final_lr_frac` of the peak.
+
+    `schedule`: "linear" decays from the first step to the last (the study's); "wsd" (warmup-stable-decay without
+    warmup) holds the peak and decays linearly over the last `cooldown_frac` of the steps, so cooldowns can branch
+    off the stable phase at several horizons (RunConfig.horizons; Hägele et al. 2024).
 
     `lr` is the peak LR of the weight matrices (LM head included); embeddings and norms/scalars use multiples of it
     so that one number transfers across sizes.
@@ -50,6 +57,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     final_lr_frac: float = 0.1
+    schedule: str = "linear"
+    cooldown_frac: float = 0.2  # wsd: share of a horizon's steps spent decaying
 
     def __post_init__(self) -> None:
         _positive_float("optim.lr", self.lr)
@@ -64,19 +73,33 @@ class OptimConfig:
                 _fail(f"optim.{name}", f"must be in [0, 1), got {value!r}", "use e.g. 0.9 / 0.95")
         if not (isinstance(self.final_lr_frac, (int, float)) and 0 <= self.final_lr_frac <= 1):
             _fail("optim.final_lr_frac", f"must be in [0, 1], got {self.final_lr_frac!r}", "use e.g. 0.1")
+        if self.schedule not in SCHEDULES:
+            _fail("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if not (isinstance(self.cooldown_frac, (int, float)) and 0 < self.cooldown_frac <= 1):
+            _fail("optim.cooldown_frac", f"must be in (0, 1], got {self.cooldown_frac!r}", "use e.g. 0.2")
+
+    def cooldown_start(self, total_steps: int) -> int:
+        """First step of the decay: 0 for linear; for wsd the stable phase ends `cooldown_frac` before the end."""
+        if self.schedule == "linear":
+            return 0
+        return total_steps - max(1, round(self.cooldown_frac * total_steps))
 
     def lr_multiplier(self, step: int, total_steps: int) -> float:
-        """Peak at step 0, linearly down to final_lr_frac at the last step: a pure function of the step so resume is exact."""
-        if total_steps <= 1:
-            return 1.0
-        return 1.0 - (1.0 - self.final_lr_frac) * min(step, total_steps - 1) / (total_steps - 1)
+        """Peak until the decay starts, then linearly down to final_lr_frac at the last step: a pure function of the
+        step and the horizon, so resume is exact and a cooldown branch is the same run as one trained to its horizon."""
+        start = self.cooldown_start(total_steps)
+        span = total_steps - 1 - start
+        if step < start or span <= 0:
+            return 1.0 if step < start or total_steps <= 1 else self.final_lr_frac
+        return 1.0 - (1.0 - self.final_lr_frac) * min(step - start, span) / span
 
 
 # Fields that label or place a run but do not change what is trained: excluded from the run id.
 _NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker",
-               "log_every", "compile", "eval_depths")
+               "log_every", "compile", "eval_depths", "horizons")
 
 _FAMILIES = ("explicit", "reference", "tiny")
+
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,9 @@ class RunConfig:
     checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
     # Test-time depths: held-out loss at these r after training (looped models only); None: 1, 2, ..., 2r.
     eval_depths: tuple[int, ...] | None = None
+    # Multi-horizon (optim.schedule: wsd): budgets below the run's own, in its unit (FLOPs or tokens), at which a
+    # cooldown branches off the stable phase; each branch's final loss is a row of its own.
+    horizons: tuple[float, ...] | None = None
     name: str = ""
     sweep: str = ""
     variant: str = ""
@@ -164,6 +190,26 @@ class RunConfig:
         if self.steps < 1:
             _fail("budget", f"the budget buys {self.target_tokens:.3g} tokens, less than one batch of "
                   f"{self.batch_tokens}", "raise the budget or lower batch_tokens")
+        if self.horizons is not None:
+            object.__setattr__(self, "horizons", self._checked_horizons())
+
+    def _checked_horizons(self) -> tuple[float, ...]:
+        if self.optim.schedule != "wsd":
+            _fail("horizons", "cooldown branches need the wsd schedule", "set optim: {schedule: wsd} or drop horizons")
+        if not isinstance(self.horizons, (list, tuple)) or not self.horizons:
+            _fail("horizons", f"must be a non-empty list of budgets, got {self.horizons!r}", "e.g. horizons: [2.5e14]")
+        budget = self.compute if self.compute is not None else self.tokens
+        unit = "compute" if self.compute is not None else "tokens"
+        values = tuple(sorted({_number("horizons", h) for h in self.horizons}))
+        for h in values:
+            if not (isinstance(h, (int, float)) and 0 < h < budget):
+                _fail("horizons", f"{h!r} is not between 0 and the run's budget ({unit} {budget:.4g})",
+                      f"give budgets in the run's unit ({unit}) below its own")
+            steps = self.branch_config(h).steps
+            if steps < 1 or self.optim.cooldown_start(steps) < 1:
+                _fail("horizons", f"{h:.4g} buys {steps} steps, too few for a stable phase and a cooldown",
+                      "raise it or lower batch_tokens")
+        return values
 
     # ---- derived -------------------------------------------------------------------------------------------
     def compile_enabled(self, on_gpu: bool) -> bool:
@@ -194,6 +240,18 @@ class RunConfig:
         if r == 1:
             return ()
         return tuple(sorted(set(self.eval_depths or range(1, 2 * r + 1)) | {r}))
+
+    def branch_config(self, horizon: float) -> "RunConfig":
+        """The run trained to `horizon` alone: a wsd cooldown branch follows its trajectory exactly (same seed, data
+        order and LR until its cooldown), so the branch's row carries that run's id."""
+        budget = {"compute": float(horizon)} if self.compute is not None else {"tokens": int(horizon)}
+        return dataclasses.replace(self, horizons=None, **budget, **{k: None for k in ("compute", "tokens")
+                                                                      if k not in budget})
+
+    @property
+    def horizon_steps(self) -> list[int]:
+        """Steps at which each cooldown branch ends, then the run's own last step."""
+        return [self.branch_config(h).steps for h in (self.horizons or ())] + [self.steps]
 
     @property
     def train_tokens(self) -> int:
@@ -229,6 +287,7 @@ class RunConfig:
             "max_failures": self.max_failures,
             "checkpoint_every": self.checkpoint_every,
             "eval_depths": None if self.eval_depths is None else list(self.eval_depths),
+            "horizons": None if self.horizons is None else list(self.horizons),
             "name": self.name,
             "sweep": self.sweep,
             "variant": self.variant,
@@ -337,7 +396,8 @@ def _build(cls: type, values: Any, section: str) -> Any:
     extra = sorted(set(values) - known)
     if extra:
         _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
-    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) else v) for k, v in values.items()}
+    numeric = {f.name for f in dataclasses.fields(cls) if type(f.default) in (int, float)}  # YAML 1.1 reads 1e-3 as str
+    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) and k in numeric else v) for k, v in values.items()}
     return cls(**values)
 
 

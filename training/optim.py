@@ -60,6 +60,9 @@ def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
         },
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": on_gpu},
+        # Every node's local rank 0 writes the model states too, so a cooldown branch's snapshot in node-local /tmp
+        # loads on every rank (training.trainer.Trainer.run_branch).
+        "checkpoint": {"use_node_local_storage": True},
         "steps_per_print": 10 ** 9,  # the loop does its own logging
         "wall_clock_breakdown": False,
     }

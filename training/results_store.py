@@ -75,6 +75,11 @@ RUN_SCHEMA = pa.schema([
     pa.field("error", pa.string(), metadata={"doc": "why a failed run failed"}),
     pa.field("started_at", _TS),
     pa.field("finished_at", _TS),
+    # multi-horizon runs (wsd cooldown branches)
+    pa.field("parent_run_id", pa.string(), metadata={"doc": "the run a cooldown branch split off (null otherwise)"}),
+    pa.field("compute_spent", pa.float64(),
+             metadata={"doc": "FLOPs this row's training actually cost: a branch its cooldown, its parent every "
+                              "step it trained (branches included)"}),
 ])
 
 CURVE_SCHEMA = pa.schema([

@@ -126,6 +126,8 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
         "versions": json.dumps(versions(), sort_keys=True),
         "error": error or summary.get("reason"),
         "started_at": started_at, "finished_at": finished_at,
+        "parent_run_id": summary.get("parent_run_id"),
+        "compute_spent": cfg.flops_per_token * cfg.batch_tokens * int(summary.get("steps_trained", steps)),
     }
 
 
@@ -173,8 +175,25 @@ def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     depths = (summary or {}).get("depths") or ()
     if depths:
         results_store.write_depths(store, cfg.run_id, [{**d, "trained_r": cfg.model.r} for d in depths])
+    for branch_row in branch_rows(cfg, summary, started, wall):
+        results_store.write_run(store, branch_row, ())
     results_store.write_run(store, row, (summary or {}).get("curve", ()))
     return row
+
+
+def branch_rows(cfg: RunConfig, summary: dict[str, Any] | None, started: dt.datetime, wall: float) -> list[dict]:
+    """The rows of a multi-horizon run's cooldown branches, each under the id of the run trained to its horizon
+    alone. Written before the parent's row, so a stored parent implies its branches."""
+    branches = (summary or {}).get("branches") or ()
+    by_steps = {cfg.branch_config(h).steps: h for h in (cfg.horizons or ())}
+    rows = []
+    for branch in branches:
+        branch_cfg = cfg.branch_config(by_steps[branch["steps"]])
+        rows.append(make_row(branch_cfg, {**branch, "restarts": summary.get("restarts", 0),
+                                          "parent_run_id": cfg.run_id, "steps_trained": branch["cooldown_steps"]},
+                             wall_seconds=branch["seconds"], started_at=started,
+                             finished_at=dt.datetime.now(dt.timezone.utc)))
+    return rows
 
 
 def _init_ray() -> str | None:

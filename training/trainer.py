@@ -67,6 +67,7 @@ class TrainState:
     val_bpb: float | None = None
     rng: str = ""  # torch CPU generator state (r sampling), base64
     loaders: list = field(default_factory=list)  # every rank's loader position, by rank
+    branches: list = field(default_factory=list)  # finished wsd cooldown branches: steps, losses, compute spent
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +153,8 @@ class Trainer:
     def restore(self, folder: str) -> None:
         _, client = self.engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
-        self.state = TrainState.from_dict(client["train_state"])
+        loaded = TrainState.from_dict(client["train_state"])
+        vars(self.state).update(vars(loaded))  # in place: the running loop holds this object
         self.state.restarts += 1
         self.loader.load_state_dict(self.state.loaders[self.rank])
         _set_rng_state(self.state.rng)
@@ -199,6 +201,49 @@ class Trainer:
         module.track_state_norms = False
         module.train(training)
         return module.last_state_norms
+
+    # ---- multi-horizon (wsd cooldown branches) --------------------------------------------------------------
+    def _branches_starting_at(self, step: int) -> list[int]:
+        done = {b["steps"] for b in self.state.branches}
+        return [h for h in self.cfg.horizon_steps[:-1]
+                if h not in done and self.cfg.optim.cooldown_start(h) == step]
+
+    def run_branch(self, horizon: int) -> dict[str, Any]:
+        """Cool down from the current stable-phase state to `horizon` steps, evaluate, then put weights, optimizer,
+        data position and RNG back as they were, so the main run goes on exactly as if no branch had run."""
+        import tempfile
+
+        from training.loader import bits_per_byte
+
+        cfg, start = self.cfg, self.state.step
+        snapshot = Path(tempfile.gettempdir()) / f"looplaw-branch-{cfg.run_id}-{horizon}"  # same on a node's ranks
+        self.save(str(snapshot))
+        t0 = time.perf_counter()
+        total = torch.zeros(2, device=self.device)
+        for step in range(start, horizon):
+            apply_lr(self.engine.optimizer, cfg.optim.lr_multiplier(step, horizon))
+            total[0] += self.train_step()
+            total[1] += 1
+        train_loss = float(global_sum(total)[0]) / (self.world * (horizon - start))
+        val = self.evaluate() if math.isfinite(train_loss) else math.nan
+        result = {"steps": horizon, "tokens": horizon * cfg.batch_tokens, "cooldown_steps": horizon - start,
+                  "train_loss": train_loss, "val_loss": val,
+                  "val_bpb": bits_per_byte(val, self.meta) if math.isfinite(val) else math.nan,
+                  "status": "completed" if math.isfinite(val) else "diverged",
+                  "seconds": time.perf_counter() - t0}
+        self.batches.close()
+        self.batches = None
+        restarts = self.state.restarts
+        self.restore(str(snapshot))
+        self.state.restarts = restarts
+        self.start_batches()
+        if _distributed():
+            dist.barrier()  # every rank has read the snapshot
+        if self.rank == 0:
+            import shutil
+
+            shutil.rmtree(snapshot, ignore_errors=True)
+        return result
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, report: Callable[[dict, bool, dict | None], None]) -> dict[str, Any]:
@@ -276,6 +321,10 @@ class Trainer:
         diverged_reason = None
         try:
             for step in range(state.step, total_steps):
+                for horizon in self._branches_starting_at(step):
+                    branch = self.run_branch(horizon)  # restores self.state in place: append afterwards
+                    state.branches.append(branch)
+                    window_start = time.perf_counter()
                 multiplier = cfg.optim.lr_multiplier(step, total_steps)
                 apply_lr(self.engine.optimizer, multiplier)
                 metrics["lr"] = cfg.optim.lr * multiplier
@@ -318,6 +367,8 @@ class Trainer:
             "train_seconds": seconds,
             "curve": state.curve,
             "depths": depths,
+            "branches": state.branches,
+            "steps_trained": state.step + sum(b["cooldown_steps"] for b in state.branches),
         }
         metrics.update(done=1, diverged=int(diverged))
         report(dict(metrics), True, summary)
