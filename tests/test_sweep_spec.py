@@ -168,3 +168,34 @@ def test_storage_override_is_validated_and_keeps_optuna_on_the_driver(tmp_path):
     remote = SweepSpec.from_yaml(path, storage="s3://bucket/looplaw")
     assert remote.storage == "s3://bucket/looplaw"
     assert remote.optuna_storage.startswith("sqlite:////") and "s3:" not in remote.optuna_storage
+
+
+def test_wsd_grid_trains_each_width_and_r_once_with_cooldown_branches():
+    """Under wsd the cells of one (variant, width, r) share a trajectory: the largest budget trains with the smaller
+    ones as cooldown branches whose run ids are the cells' own; a stored parent leaves a missing cell to train alone."""
+    from tuning.grid import trials
+
+    spec = SweepSpec.from_dict(small_spec(
+        budgets=[{"compute": 2.0e10, "widths": [32]}, {"compute": 4.0e10, "widths": [32]},
+                 {"compute": 8.0e10, "widths": [32]}],
+        recipe={"batch_tokens": 512, "micro_batch": 8, "eval_every": 5, "val_tokens": 2048,
+                "optim": {"schedule": "wsd", "cooldown_frac": 0.25}}))
+    cells = expand(spec)
+    assert len(cells) == 9
+    runs = trials(cells, done=set())
+    assert len(runs) == 3  # one per r
+    for run, cell in runs:
+        assert cell.compute == 8.0e10 and run.run_id == cell.run_id
+        assert run.horizons == (2.0e10, 4.0e10)
+        siblings = {c.run_id for c in cells if c.r == cell.r}
+        assert {run.branch_config(h).run_id for h in run.horizons} | {run.run_id} == siblings
+
+    r1 = [c for c in cells if c.r == 1]
+    parent = max(r1, key=lambda c: c.compute)
+    done = {c.run_id for c in cells} - {r1[0].run_id}  # a lost branch row, its parent stored
+    assert [(run.run_id, run.horizons) for run, _ in trials(cells, done)] == [(r1[0].run_id, None)]
+    done = {c.run_id for c in cells} - {parent.run_id, r1[1].run_id}
+    assert [(run.run_id, run.horizons) for run, _ in trials(cells, done)] == [(parent.run_id, (r1[1].compute,))]
+
+    linear = expand(SweepSpec.from_dict(small_spec()))
+    assert [run for run, _ in trials(linear, set())] == [c.run for c in linear]  # one trial per cell

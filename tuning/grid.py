@@ -197,6 +197,33 @@ def expand(spec: SweepSpec, plan: LRPlan | None = None) -> list[Cell]:
     return cells
 
 
+def trials(cells: list[Cell], done: set[str]) -> list[tuple[RunConfig, Cell]]:
+    """The runs that train the cells not in `done`, each with the cell it is labelled by.
+
+    Under the wsd schedule the cells of one (variant, width, r) differ only in budget, so the largest one trains once
+    with cooldown branches at the smaller budgets (RunConfig.horizons): each branch's row carries its cell's run id.
+    A cell whose largest sibling is already stored trains alone (the same trajectory as its branch would be)."""
+    todo = [c for c in cells if c.run_id not in done]
+    if not todo or todo[0].run.optim.schedule != "wsd":
+        return [(c.run, c) for c in todo]
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.variant, c.width, c.r), []).append(c)
+    out = []
+    for group in groups.values():
+        parent = max(group, key=lambda c: c.compute)
+        missing = [c for c in group if c.run_id not in done and c is not parent]
+        if parent.run_id in done:
+            out += [(c.run, c) for c in missing]
+            continue
+        branches = [c for c in missing if parent.run.branch_config(c.compute).run_id == c.run_id]
+        alone = [c for c in missing if c not in branches]  # e.g. a budget with its own batch size or LR
+        horizons = tuple(c.compute for c in branches) or None
+        out.append((parent.run.replace(horizons=horizons), parent))
+        out += [(c.run, c) for c in alone]
+    return out
+
+
 def validate(spec: SweepSpec) -> list[Cell]:
     """Build every cell (and the LR search cell) so any invalid combination fails before Ray starts."""
     if spec.lr.rule == "tuned":

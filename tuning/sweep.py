@@ -226,6 +226,7 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
 def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, int]:
     from ray import tune
 
+    from tuning.grid import trials
     from tuning.progress import Progress
     from tuning.trainable import cell_payload
 
@@ -234,12 +235,14 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, 
         reuse_search_runs(spec, cells, stored, out)
     todo = [c for c in cells if stored.get(c.run_id) not in ("completed", "diverged")]
     skipped = len(cells) - len(todo)
-    print(f"grid: {len(cells)} cells, {skipped} already in the store, {len(todo)} to run", file=out, flush=True)
+    runs = trials(cells, {c.run_id for c in cells if c not in todo})
+    print(f"grid: {len(cells)} cells, {skipped} already in the store, {len(todo)} to run in {len(runs)} trials",
+          file=out, flush=True)
     if todo:
         progress = Progress("grid", total=len(cells), skipped=skipped, out=out)
         tuner = tune.Tuner(
             _trainable(spec),
-            param_space={"cell": tune.grid_search([cell_payload(c.run, r=c.r, label=c.label) for c in todo])},
+            param_space={"cell": tune.grid_search([cell_payload(run, r=c.r, label=c.label) for run, c in runs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(spec), trial_dirname_creator=_dirname),
             run_config=_tune_run_config(spec, "grid", [progress]),
         )
