@@ -3,6 +3,7 @@ LR search with Optuna pruning, the grid, resume after the driver is SIGKILLed, a
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import shutil
@@ -182,6 +183,36 @@ def test_fit_stage_writes_the_law_next_to_the_results(tmp_path):
     assert saved.phi == pytest.approx(law.phi)
     pngs = sorted(p.name for p in (store / "plots").glob("*.png"))
     assert len(pngs) >= 4 and all((store / "plots" / p).stat().st_size > 0 for p in pngs)
+
+
+@pytest.mark.slow
+def test_an_unreadable_run_file_costs_only_its_cell(tmp_path):
+    """A truncated run file and a junk .parquet file: the rerun names both, moves them to runs/_quarantine/ and
+    trains exactly the cell whose row was lost."""
+    store = tmp_path / "store"
+    spec = SweepSpec.from_dict(tiny_spec(store, budgets=[{"compute": 1.5e10, "widths": [32]}]))
+    assert run_sweep(spec, num_cpus=2, fit=False)["counts"] == {"completed": 2}
+    before = rows(store)
+    lost, kept = sorted(before)
+    runs = store / "runs"
+    data = (runs / f"{lost}.parquet").read_bytes()
+    (runs / f"{lost}.parquet").write_bytes(data[: len(data) // 2])
+    (runs / "junk.parquet").write_text("not parquet")
+    kept_mtime = os.path.getmtime(runs / f"{kept}.parquet")
+
+    log = io.StringIO()
+    result = run_sweep(spec, num_cpus=2, fit=False, out=log)
+    log = log.getvalue()
+    assert "grid: 2 cells, 1 already in the store, 1 to run" in log, log
+    assert f"{lost}.parquet" in log and "junk.parquet" in log and "runs/_quarantine/" in log
+    assert result["counts"] == {"completed": 2}
+    after = rows(store)
+    assert set(after) == set(before)
+    assert os.path.getmtime(runs / f"{kept}.parquet") == kept_mtime  # the readable run was not touched
+    assert after[lost]["finished_at"] > before[lost]["finished_at"]
+    quarantined = {q.file for q in results_store.quarantined(str(store))}
+    assert quarantined == {f"{lost}.parquet", "junk.parquet"}
+    assert len(list((runs / "_quarantine").glob("*.parquet"))) == 2
 
 
 @pytest.mark.slow
