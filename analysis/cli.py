@@ -102,7 +102,8 @@ def _cmd_fit(a) -> dict:
     print(law.summary(), file=sys.stderr)
     return {"out": str(a.out), "form": law.form, "coefficients": law.coefficients, "r2": law.r2, "n_runs": law.n_runs,
             "ci": {k: list(v) for k, v in law.ci.items()}, "extrapolation_error": law.extrapolation_error,
-            "excluded": len(law.excluded)}
+            "excluded": len(law.excluded),
+            "quarantined": {e["run"]: e["quarantined"] for e in law.excluded if e.get("quarantined")}}
 
 
 def _cmd_query(a) -> dict:

@@ -18,6 +18,8 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from training import results_store
+
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "val_loss")
 
 # Column names other tables use for the same quantities (Epoch's Chinchilla CSV among them).
@@ -46,13 +48,14 @@ class RunTable:
         return len(self.frame)
 
 
-def _read_source(source: Any) -> pd.DataFrame:
+def _read_source(source: Any) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The rows, and the store's quarantined run files as excluded entries (named, with the reason)."""
     if isinstance(source, pd.DataFrame):
-        return source.copy()
+        return source.copy(), []
     if isinstance(source, pa.Table):
-        return source.to_pandas()
+        return source.to_pandas(), []
     if isinstance(source, RunTable):
-        return source.frame.copy()
+        return source.frame.copy(), []
     if not isinstance(source, (str, Path)):
         raise TypeError(f"results must be a store path/URI, a .parquet/.csv file, a pyarrow.Table or a "
                         f"pandas.DataFrame, got {type(source).__name__}")
@@ -65,18 +68,23 @@ def _read_source(source: Any) -> pd.DataFrame:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"results source {text!r} does not exist")
     if info.type == pafs.FileType.File:
-        return _read_file(fs, path)
-    runs = path.rstrip("/") + "/runs"
-    folder = runs if fs.get_file_info(runs).type == pafs.FileType.Directory else path
-    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        return _read_file(fs, path), []
+    if fs.get_file_info(path.rstrip("/") + "/runs").type == pafs.FileType.Directory:
+        table = results_store.read_runs(text)
+        bad = [{"run": q.file, "reason": f"unreadable run file, moved to {q.moved_to}: {q.reason}",
+                "quarantined": q.moved_to} for q in results_store.quarantined(text)]
+        if table.num_rows == 0 and not bad:
+            raise ValueError(f"no .parquet or .csv files under {path}/runs: the results store {text!r} has no runs yet")
+        return table.to_pandas(), bad
+    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if f.type == pafs.FileType.File and f.path.endswith((".parquet", ".csv"))
                    and not Path(f.path).name.startswith((".", "_")))
     if not files:
-        raise ValueError(f"no .parquet or .csv files under {folder!r}: is {text!r} a results store "
+        raise ValueError(f"no .parquet or .csv files under {path!r}: is {text!r} a results store "
                          f"(STORE/runs/<run_id>.parquet)?")
-    # One file per run, written by different versions maybe: concatenating frames tolerates
-    # schemas that differ in optional columns (a null `size` in one file, an int in another).
-    return pd.concat([_read_file(fs, f) for f in files], ignore_index=True)
+    # A folder of tables written by different tools maybe: concatenating frames tolerates schemas that differ
+    # in optional columns (a null `size` in one file, an int in another).
+    return pd.concat([_read_file(fs, f) for f in files], ignore_index=True), []
 
 
 def _read_file(fs: pafs.FileSystem, path: str) -> pd.DataFrame:
@@ -174,9 +182,9 @@ def load_runs(source: Any, *, variant: str | None = None, exclude_highest_loss: 
     """
     if int(exclude_highest_loss) != exclude_highest_loss or exclude_highest_loss < 0:
         raise ValueError(f"exclude_highest_loss must be a non-negative integer, got {exclude_highest_loss!r}")
-    df = _normalise_columns(_read_source(source)).reset_index(drop=True)
+    raw, excluded = _read_source(source)
+    df = _normalise_columns(raw).reset_index(drop=True)
     df["run"] = _run_labels(df)
-    excluded: list[dict[str, Any]] = []
 
     if "variant" in df.columns:
         present = sorted(df["variant"].dropna().astype(str).unique().tolist())

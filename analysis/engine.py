@@ -38,6 +38,26 @@ _LBFGS_OPTIONS = {"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-12, "maxls": 40}
 # A short look at where a secondary bootstrap start is heading; refined only if it beats the primary.
 _PROBE_OPTIONS = {**_LBFGS_OPTIONS, "maxiter": 25}
 DISTINCT_OPTIMA = 0.05  # local optima closer than this in every LSE parameter count as one
+# Objective values this close (relative) are a tie: numpy's exp/log and BLAS kernels differ between CPUs in
+# the last bits, so a tie is broken by a fixed order (grid position, start order) instead of by those bits.
+TIE_RTOL = 1e-9
+
+
+def _tie_key(values: np.ndarray) -> np.ndarray:
+    """Objective values rounded to TIE_RTOL relative precision, for ordering that ignores last-bit noise."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(np.isfinite(values) & (values != 0), 10.0 ** np.floor(np.log10(np.abs(values))), 1.0)
+    return np.where(np.isfinite(values), np.round(values / scale / TIE_RTOL) * TIE_RTOL * scale, np.inf)
+
+
+def _better(fun: float, best: float) -> bool:
+    """Beats the incumbent by more than a tie, so which of two equal optima wins never depends on the CPU."""
+    return fun < best - TIE_RTOL * abs(best)
+
+
+# BLAS on one thread: its wake-ups cost ~50x per tiny L-BFGS-B solve, and one thread sums in one fixed order.
+one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ def _local_fit(obj: Objective, spec: FitSpec, theta0: np.ndarray, options: dict 
     return theta, fun
 
 
+@one_blas_thread
 def multistart(data: FitData, spec: FitSpec, starts: np.ndarray, n_starts: int | None = DEFAULT_N_STARTS,
                weights: np.ndarray | None = None, screen: bool = True) -> Optimum:
     """Run L-BFGS-B from the `n_starts` grid points with the lowest objective (all when None).
@@ -109,21 +130,22 @@ def multistart(data: FitData, spec: FitSpec, starts: np.ndarray, n_starts: int |
             vals = objective_values(starts, data, spec.delta)
         else:
             vals = np.array([spec.objective(data, weights)(s[spec.free_mask])[0] for s in starts])
-        starts = starts[np.argsort(vals, kind="stable")[:n_starts]]
+        # Ties (symmetric grid points give equal values up to rounding) go to the earlier grid point.
+        starts = starts[np.lexsort((np.arange(len(vals)), _tie_key(vals)))[:n_starts]]
     obj = spec.objective(data, weights)
-    found: list[tuple[float, np.ndarray]] = []
-    for s in starts:
+    found: list[tuple[float, int, float, np.ndarray]] = []
+    for i, s in enumerate(starts):
         theta, fun = _local_fit(obj, spec, s)
         if np.isfinite(fun) and np.all(np.isfinite(theta)):
-            found.append((fun, theta))
+            found.append((float(_tie_key(fun)), i, fun, theta))
     if not found:
         raise RuntimeError("every L-BFGS-B start failed (non-finite objective); check the data for extreme values")
-    found.sort(key=lambda t: t[0])
+    found.sort(key=lambda t: t[:2])  # lowest objective; among ties, the earliest start
     distinct: list[np.ndarray] = []
-    for _, theta in found:
+    for *_, theta in found:
         if all(np.max(np.abs(theta - d)) > DISTINCT_OPTIMA for d in distinct):
             distinct.append(theta)
-    return Optimum(theta=found[0][1], fun=found[0][0], candidates=distinct)
+    return Optimum(theta=found[0][3], fun=found[0][2], candidates=distinct)
 
 
 def warm_starts(opt: Optimum, extra: int = 2) -> np.ndarray:
@@ -131,12 +153,8 @@ def warm_starts(opt: Optimum, extra: int = 2) -> np.ndarray:
     return np.array([opt.theta] + opt.candidates[1:1 + extra])
 
 
+@one_blas_thread
 def _bootstrap_chunk(data: FitData, spec: FitSpec, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    with threadpool_limits(limits=1, user_api="blas"):  # BLAS thread wake-ups cost ~50x per tiny L-BFGS-B solve
-        return _bootstrap_rows(data, spec, starts, counts)
-
-
-def _bootstrap_rows(data: FitData, spec: FitSpec, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     out = np.full((len(counts), N_PARAMS + 1), np.nan)
     for j, w in enumerate(counts):
         obj = spec.objective(data, w)
@@ -144,9 +162,9 @@ def _bootstrap_rows(data: FitData, spec: FitSpec, starts: np.ndarray, counts: np
         for s in starts[1:]:
             # Secondary basins rarely win; a few iterations tell, and only a winner is refined.
             theta, fun = _local_fit(obj, spec, s, _PROBE_OPTIONS)
-            if fun < best_fun:
+            if _better(fun, best_fun):
                 theta, fun = _local_fit(obj, spec, theta)
-                if fun < best_fun and np.all(np.isfinite(theta)):
+                if _better(fun, best_fun) and np.all(np.isfinite(theta)):
                     best, best_fun = theta, fun
         if np.isfinite(best_fun) and np.all(np.isfinite(best)):
             out[j, :N_PARAMS] = best
@@ -213,6 +231,7 @@ def r_squared(theta: np.ndarray, data: FitData) -> float:
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
 
 
+@one_blas_thread
 def leave_one_budget_out(data: FitData, spec: FitSpec, opt: Optimum, budgets: np.ndarray,
                          labels: dict | None = None, min_runs: int | None = None) -> dict:
     """Refit without each budget and predict its runs: how well the law extrapolates to unseen compute.

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import engine
 from .data import RunTable, load_runs
@@ -95,12 +94,11 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         raise ValueError(f"too few runs: {len(data)} completed run(s) for {spec.n_free} free parameters "
                          f"({kind} form); need at least {spec.n_free + 1}")
 
-    with threadpool_limits(limits=1, user_api="blas"):  # BLAS thread wake-ups cost ~50x per tiny L-BFGS-B solve
-        opt = engine.multistart(data, spec, engine.start_grid(spec, start_grid), n_starts=n_starts)
-        draws_theta = engine.bootstrap(data, spec, opt, int(bootstrap), seed=seed, n_jobs=n_jobs)
-        loo = None
-        if extrapolation and table.frame["budget"].nunique() >= 2:
-            loo = engine.leave_one_budget_out(data, spec, opt, table.frame["budget"].to_numpy(), table.budget_labels)
+    opt = engine.multistart(data, spec, engine.start_grid(spec, start_grid), n_starts=n_starts)
+    draws_theta = engine.bootstrap(data, spec, opt, int(bootstrap), seed=seed, n_jobs=n_jobs)
+    loo = None
+    if extrapolation and table.frame["budget"].nunique() >= 2:
+        loo = engine.leave_one_budget_out(data, spec, opt, table.frame["budget"].to_numpy(), table.budget_labels)
     ok = np.all(np.isfinite(draws_theta), axis=1)
 
     point = {k: float(v) for k, v in theta_to_coeffs(opt.theta, dense).items()}

@@ -247,6 +247,9 @@ class ScalingLaw:
             lines.append(f"  leave-one-budget-out mean |rel. loss error| = {self.extrapolation_error:.4f}")
         if self.excluded:
             lines.append(f"  {len(self.excluded)} run(s) excluded")
+        unreadable = [e["run"] for e in self.excluded if e.get("quarantined")]
+        if unreadable:
+            lines.append(f"  {len(unreadable)} unreadable run file(s) moved to runs/_quarantine/: {', '.join(unreadable)}")
         if self.meta.get("warning"):
             lines.append(f"  WARNING: {self.meta['warning']}")
         return "\n".join(lines)

@@ -91,3 +91,26 @@ def test_module_entry_point_fits_a_store(store, tmp_path):
                            "--no-extrapolation"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert ScalingLaw.load(out).phi == pytest.approx(0.459, abs=0.1)
+
+
+def test_fit_quarantines_unreadable_run_files_and_fits_the_rest(tmp_path):
+    runs = synthetic_sweep(ScalingLaw.reference(), noise=0.005, seed=0)
+    store = write_store(runs, tmp_path / "results")
+    folder = store / "runs"
+    truncated = f"{runs.loc[3, 'run_id']}.parquet"
+    data = (folder / truncated).read_bytes()
+    (folder / truncated).write_bytes(data[: len(data) // 3])
+    (folder / "junk.parquet").write_text("this is not parquet")
+
+    proc = subprocess.run([sys.executable, "-m", "analysis", "fit", str(store), "--out", str(tmp_path / "law.json"),
+                           "--bootstrap", "0", "--no-extrapolation"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n_runs"] == len(runs) - 1
+    assert set(result["quarantined"]) == {truncated, "junk.parquet"}
+    assert truncated in proc.stderr and "junk.parquet" in proc.stderr  # the summary names both
+    kept = sorted(p.name for p in (folder / "_quarantine").glob("*.parquet"))
+    assert len(kept) == 2 and kept[0].startswith(truncated[:-8]) is not kept[1].startswith(truncated[:-8])
+    assert not (folder / truncated).exists() and not (folder / "junk.parquet").exists()
+    saved = ScalingLaw.load(tmp_path / "law.json")
+    assert {e["run"] for e in saved.excluded if e.get("quarantined")} == {truncated, "junk.parquet"}

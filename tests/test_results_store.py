@@ -75,3 +75,47 @@ def test_bad_rows_are_refused_before_writing(tmp_path, change, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         rs.write_run(str(tmp_path), _row(**change), CURVE)
     assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_unreadable_run_files_are_quarantined_and_the_rest_read(tmp_path):
+    store = str(tmp_path / "store")
+    for run_id in ("d64-r1-aaa", "d64-r2-bbb", "d64-r4-ccc"):
+        rs.write_run(store, _row(run_id=run_id), CURVE)
+    runs = tmp_path / "store" / "runs"
+    _truncate(runs / "d64-r2-bbb.parquet")
+    (runs / "notes.parquet").write_text("not a parquet file")
+
+    table = rs.read_runs(store)
+    assert sorted(table.column("run_id").to_pylist()) == ["d64-r1-aaa", "d64-r4-ccc"]
+    assert sorted(os.listdir(runs)) == ["_quarantine", "d64-r1-aaa.parquet", "d64-r4-ccc.parquet"]
+    bad = {q.file: q for q in rs.quarantined(store)}
+    assert set(bad) == {"d64-r2-bbb.parquet", "notes.parquet"}
+    for q in bad.values():  # moved, never deleted, with the reader's reason
+        assert os.path.dirname(q.moved_to) == str(runs / "_quarantine") and os.path.isfile(q.moved_to)
+        assert "not a readable Parquet run file" in q.reason
+    assert os.path.getsize(bad["d64-r2-bbb.parquet"].moved_to) > 0
+    assert pd.read_parquet(runs).shape[0] == 2  # plain readers skip the _quarantine folder
+
+    # Reading one run quarantines its file the same way: the run counts as not stored.
+    _truncate(runs / "d64-r4-ccc.parquet")
+    assert rs.read_run(store, "d64-r4-ccc") is None and not rs.has_run(store, "d64-r4-ccc")
+    assert len(rs.quarantined(store)) == 3
+    rs.write_run(store, _row(run_id="d64-r4-ccc"), CURVE)  # trained again: a new row beside the kept copy
+    assert rs.read_runs(store).num_rows == 2 and len(rs.quarantined(store)) == 3
+
+
+def test_a_parquet_file_without_a_run_row_is_quarantined(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = tmp_path / "store"
+    rs.write_run(str(store), _row(), CURVE)
+    pq.write_table(pa.table({"other": [1, 2]}), store / "runs" / "foreign.parquet")
+    assert rs.read_runs(str(store)).column("run_id").to_pylist() == ["d64-r2-abc"]
+    (q,) = rs.quarantined(str(store))
+    assert q.file == "foreign.parquet" and "no run row" in q.reason

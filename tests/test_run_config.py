@@ -1,4 +1,5 @@
 """The run config: YAML loading, run ids, budgets, and validation errors that name the field (no Ray)."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import yaml
 
 from models.accounting import flops_per_token
 from models.config import LoopedConfig
+from training import config as config_module
 from training.config import OptimConfig, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,38 @@ def test_run_id_ignores_labels_and_storage_but_not_training():
     assert cfg.replace(seed=1).run_id != cfg.run_id
     assert cfg.replace(zero_stage=3).run_id != cfg.run_id
     assert cfg.replace(compute=1e12).tokens is None  # one budget replaces the other
+
+
+def _with_new_defaulted_fields(cfg, model=None, optim=None, run=None):
+    """The same config under code that grew a defaulted field in LoopedConfig, OptimConfig and RunConfig."""
+    Looped2 = dataclasses.make_dataclass("Looped2", [("norm", str, "rms")], bases=(LoopedConfig,), frozen=True)
+    Optim2 = dataclasses.make_dataclass("Optim2", [("recipe", str, "adamw")], bases=(OptimConfig,), frozen=True)
+    Run2 = dataclasses.make_dataclass("Run2", [("eval_depths", tuple, ())], bases=(RunConfig,), frozen=True)
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+    fields["model"] = Looped2(**dataclasses.asdict(cfg.model), **(model or {}))
+    fields["optim"] = Optim2(**dataclasses.asdict(cfg.optim), **(optim or {}))
+    return Run2(**fields, **(run or {}))
+
+
+def test_a_new_defaulted_field_leaves_run_ids_alone(monkeypatch):
+    cfg = RunConfig.from_dict(_base())
+    assert _with_new_defaulted_fields(cfg).run_id == cfg.run_id
+    assert _with_new_defaulted_fields(cfg, model={"norm": "layer"}).run_id != cfg.run_id
+    assert _with_new_defaulted_fields(cfg, optim={"recipe": "muon"}).run_id != cfg.run_id
+    # A new top-level field counts once it is listed as part of the experiment, and then only off its default.
+    stored_id = cfg.run_id
+    monkeypatch.setattr(config_module, "EXPERIMENT_FIELDS", config_module.EXPERIMENT_FIELDS + ("eval_depths",))
+    assert _with_new_defaulted_fields(cfg).run_id == stored_id
+    assert _with_new_defaulted_fields(cfg, run={"eval_depths": (1, 4)}).run_id != stored_id
+
+
+def test_run_ids_are_stable_across_versions():
+    # Stored runs are found by these ids: a change to the rule that moves them must bump RUN_ID_SCHEMA on purpose.
+    assert config_module.RUN_ID_SCHEMA == 2
+    assert RunConfig.from_yaml(TINY).run_id == "d64-r2-9f6877239ce4046d"
+    cfg = RunConfig.from_dict(_base(budget={"compute": 1e12}))
+    assert cfg.replace(compute=10 ** 12).run_id == cfg.run_id  # 1e12 and 10**12 are one budget
+    assert cfg.replace(cpus_per_worker=0.25, eval_every=7, checkpoint_every=3).run_id == cfg.run_id
 
 
 def test_lr_schedule_is_warmup_free_linear_to_ten_percent():

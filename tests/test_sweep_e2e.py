@@ -3,6 +3,7 @@ LR search with Optuna pruning, the grid, resume after the driver is SIGKILLed, a
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import shutil
@@ -182,6 +183,56 @@ def test_fit_stage_writes_the_law_next_to_the_results(tmp_path):
     assert saved.phi == pytest.approx(law.phi)
     pngs = sorted(p.name for p in (store / "plots").glob("*.png"))
     assert len(pngs) >= 4 and all((store / "plots" / p).stat().st_size > 0 for p in pngs)
+
+
+@pytest.mark.slow
+def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing(tmp_path, monkeypatch):
+    """A truncated run file and a junk .parquet file: the rerun names both, moves them to runs/_quarantine/ and
+    trains exactly the cell whose row was lost. Then the code grows a defaulted field in the model, optimizer and
+    run configs: a rerun finds every cell under its old id and trains nothing."""
+    store = tmp_path / "store"
+    spec = SweepSpec.from_dict(tiny_spec(store, budgets=[{"compute": 1.5e10, "widths": [32]}]))
+    assert run_sweep(spec, num_cpus=2, fit=False)["counts"] == {"completed": 2}
+    before = rows(store)
+    lost, kept = sorted(before)
+    runs = store / "runs"
+    data = (runs / f"{lost}.parquet").read_bytes()
+    (runs / f"{lost}.parquet").write_bytes(data[: len(data) // 2])
+    (runs / "junk.parquet").write_text("not parquet")
+    kept_mtime = os.path.getmtime(runs / f"{kept}.parquet")
+
+    log = io.StringIO()
+    result = run_sweep(spec, num_cpus=2, fit=False, out=log)
+    log = log.getvalue()
+    assert "grid: 2 cells, 1 already in the store, 1 to run" in log, log
+    assert f"{lost}.parquet" in log and "junk.parquet" in log and "runs/_quarantine/" in log
+    assert result["counts"] == {"completed": 2}
+    after = rows(store)
+    assert set(after) == set(before)
+    assert os.path.getmtime(runs / f"{kept}.parquet") == kept_mtime  # the readable run was not touched
+    assert after[lost]["finished_at"] > before[lost]["finished_at"]
+    quarantined = {q.file for q in results_store.quarantined(str(store))}
+    assert quarantined == {f"{lost}.parquet", "junk.parquet"}
+    assert len(list((runs / "_quarantine").glob("*.parquet"))) == 2
+
+    import dataclasses
+
+    import training.config
+    import tuning.grid
+
+    def grown(cls, name, default):
+        return dataclasses.make_dataclass(cls.__name__, [(name, type(default), default)], bases=(cls,), frozen=True)
+
+    monkeypatch.setattr(training.config, "LoopedConfig", grown(training.config.LoopedConfig, "norm", "rms"))
+    monkeypatch.setattr(training.config, "OptimConfig", grown(training.config.OptimConfig, "recipe", "adamw"))
+    monkeypatch.setattr(tuning.grid, "RunConfig", grown(training.config.RunConfig, "eval_depths", ()))
+    cells = expand(absolute_storage(spec))
+    assert all(hasattr(c.run, "eval_depths") and c.run.optim.recipe == "adamw" for c in cells)
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(runs / "*.parquet"))}
+    log = io.StringIO()
+    assert run_sweep(spec, num_cpus=2, fit=False, out=log)["counts"] == {"completed": 2}
+    assert "grid: 2 cells, 2 already in the store, 0 to run" in log.getvalue(), log.getvalue()
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(runs / "*.parquet"))} == mtimes
 
 
 @pytest.mark.slow

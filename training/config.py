@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from models.accounting import flops_per_token
 from models.config import LoopedConfig
@@ -94,9 +94,48 @@ class OptimConfig:
         return 1.0 - (1.0 - self.final_lr_frac) * min(step - start, span) / span
 
 
-# Fields that label or place a run but do not change what is trained: excluded from the run id.
-_NOT_HASHED = ("storage", "name", "sweep", "variant", "max_failures", "checkpoint_every", "cpus_per_worker",
-               "log_every", "compile", "eval_depths", "horizons")
+# The run id's rule (see RunConfig): bump only to re-key every stored run on purpose.
+RUN_ID_SCHEMA = 2
+# What is trained and measured, and how the training state is laid out (a checkpoint written under one ZeRO stage,
+# worker count or micro-batch cannot resume under another). Everything else (labels, storage, retries, eval and
+# checkpoint cadence, CPUs per worker) leaves the run id alone.
+EXPERIMENT_FIELDS = ("model", "size", "data", "optim", "compute", "tokens", "batch_tokens", "seed", "val_tokens",
+                     "spike_factor", "micro_batch", "zero_stage", "num_workers", "use_gpu")
+
+
+def _declared_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready and canonical: 1e15 and 10**15 hash alike, a nested config keeps only its non-default fields."""
+    if dataclasses.is_dataclass(value):
+        return _identity(value, [f.name for f in dataclasses.fields(value)])
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else float(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    raise TypeError(f"run id: cannot hash a {type(value).__name__} ({value!r})")
+
+
+def _identity(obj: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The named fields of a dataclass whose values differ from their declared defaults (required ones always)."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    out = {}
+    for name in names:
+        value, default = _plain(getattr(obj, name)), _declared_default(fields[name])
+        if default is dataclasses.MISSING or value != _plain(default):  # compared as plain data: a nested
+            out[name] = value  # config of a newer class, or 10**12 for 1e12, is still the default
+    return out
+
 
 _FAMILIES = ("explicit", "reference", "tiny")
 
@@ -104,6 +143,16 @@ _FAMILIES = ("explicit", "reference", "tiny")
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run. Its `run_id` names it in the results store and Ray storage, so a rerun finds what is done.
+
+    The run id rule: `d<d_model>-r<r>-<hash>`, the hash over RUN_ID_SCHEMA and the EXPERIMENT_FIELDS of this
+    config, where a field (and, inside `model` and `optim`, every nested field) counts only when it differs from
+    its declared default. So a new field added with a default (to LoopedConfig, OptimConfig or here) leaves every
+    stored run's id alone; a new top-level field that changes what is trained goes into EXPERIMENT_FIELDS. Never
+    change a declared default (runs stored at the old default would take the new one's id): add a field instead,
+    or bump RUN_ID_SCHEMA to re-key every run on purpose.
+    """
+
     model: LoopedConfig
     size: int | None = None  # reference size s (d = ceil(64*s/128)*128); None for other families
     data: str = "default"  # "default" (embedded corpus, prepared on demand) or a prepared data dir
@@ -259,8 +308,8 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        """Content hash of everything that changes the training (labels, storage and retry policy excluded)."""
-        content = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        """Content hash of the fields that define the experiment (the rule is in the class docstring)."""
+        content = {"schema": RUN_ID_SCHEMA, **_identity(self, EXPERIMENT_FIELDS)}
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
         return f"d{self.model.d_model}-r{self.model.r}-{digest}"
 
@@ -396,8 +445,9 @@ def _build(cls: type, values: Any, section: str) -> Any:
     extra = sorted(set(values) - known)
     if extra:
         _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
-    numeric = {f.name for f in dataclasses.fields(cls) if type(f.default) in (int, float)}  # YAML 1.1 reads 1e-3 as str
-    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) and k in numeric else v) for k, v in values.items()}
+    numeric = {f.name for f in dataclasses.fields(cls)
+               if isinstance(_declared_default(f), (int, float)) and not isinstance(_declared_default(f), bool)}
+    values = {k: (_number(f"{section}.{k}", v) if k in numeric else v) for k, v in values.items()}
     return cls(**values)
 
 

@@ -4,6 +4,7 @@ Layout under STORE (a local folder or any pyarrow.fs URI such as s3://bucket/pre
     STORE/runs/<run_id>.parquet     one row, schema RUN_SCHEMA
     STORE/curves/<run_id>.parquet   the loss curve, schema CURVE_SCHEMA
     STORE/depths/<run_id>.parquet   held-out loss at each test-time depth (looped runs only), schema DEPTH_SCHEMA
+    STORE/runs/_quarantine/         run files that could not be read, moved aside (see read_runs)
 Files are written to a dot-prefixed temp name and renamed, so readers (pyarrow.dataset and pandas skip names
 starting with '.' or '_') never see half a file, and the file name is the run id, so writing a run twice
 replaces its row instead of duplicating it. The curve and depth table are written before the row: a row implies
@@ -11,16 +12,20 @@ them.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import math
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "diverged", "failed")
 
@@ -192,22 +197,88 @@ def has_run(store: str | os.PathLike, run_id: str) -> bool:
     return fs.get_file_info(f"{root}/runs/{_check_run_id(run_id)}.parquet").type == pafs.FileType.File
 
 
-def read_runs(store: str | os.PathLike) -> pa.Table:
-    """Every run row (an empty RUN_SCHEMA table for an empty store)."""
-    fs, root = _resolve(store)
-    folder = f"{root}/runs"
+QUARANTINE = "_quarantine"  # under runs/; the leading '_' hides it from pyarrow.dataset and pandas
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A run file that could not be read, and where it was moved."""
+
+    file: str  # its name under runs/
+    moved_to: str  # its path now, under runs/_quarantine/
+    reason: str
+
+
+def _quarantine(fs: pafs.FileSystem, path: str, reason: str) -> None:
+    """Move an unreadable run file aside, never deleting it, with a note saying why; its run counts as not stored."""
+    folder, name = path.rsplit("/", 1)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dest = f"{folder}/{QUARANTINE}/{name[:-len('.parquet')]}.{stamp}.parquet"
+    fs.create_dir(f"{folder}/{QUARANTINE}", recursive=True)
+    try:
+        fs.move(path, dest)
+    except FileNotFoundError:  # another reader moved it first
+        return
+    with fs.open_output_stream(f"{dest}.json") as f:
+        f.write(json.dumps({"file": name, "reason": reason}).encode())
+    log.warning("results store: run file %s is unreadable (%s); moved to %s, its run counts as not stored",
+                path, reason, dest)
+
+
+def _read_row_file(fs: pafs.FileSystem, path: str) -> pa.Table | None:
+    """One run file as a RUN_SCHEMA table, or None after quarantining a file that holds no readable row."""
+    try:
+        table = pq.read_table(path, filesystem=fs, schema=RUN_SCHEMA)
+    except pa.ArrowException as exc:
+        if isinstance(exc, OSError):  # the storage failed, not the file: never move a good file for that
+            raise
+        _quarantine(fs, path, f"not a readable Parquet run file: {exc}")
+        return None
+    if table.num_rows == 0 or table["run_id"].null_count or table["status"].null_count:
+        _quarantine(fs, path, "no run row (run_id and status missing)")
+        return None
+    return table
+
+
+def _run_files(fs: pafs.FileSystem, folder: str) -> list[str]:
     if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return RUN_SCHEMA.empty_table()
-    return ds.dataset(folder, filesystem=fs, format="parquet", schema=RUN_SCHEMA).to_table()
+        return []
+    return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(folder))
+                  if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
+                  and not f.base_name.startswith((".", "_")))
+
+
+def read_runs(store: str | os.PathLike) -> pa.Table:
+    """Every readable run row (an empty RUN_SCHEMA table for an empty store).
+
+    A file that holds no readable row (truncated, not Parquet, no run_id) is moved to runs/_quarantine/ (see
+    `quarantined`) and the other runs are read: one bad file costs its run, which a sweep then trains again.
+    """
+    fs, root = _resolve(store)
+    tables = [t for t in (_read_row_file(fs, p) for p in _run_files(fs, f"{root}/runs")) if t is not None]
+    return pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table()
 
 
 def read_run(store: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
-    """The run's row as a dict, or None when the store has none."""
+    """The run's row as a dict, or None when the store has none (or its file was unreadable, now quarantined)."""
     if not has_run(store, run_id):
         return None
     fs, root = _resolve(store)
-    rows = pq.read_table(f"{root}/runs/{run_id}.parquet", filesystem=fs, schema=RUN_SCHEMA).to_pylist()
-    return rows[0]
+    table = _read_row_file(fs, f"{root}/runs/{run_id}.parquet")
+    return None if table is None else table.to_pylist()[0]
+
+
+def quarantined(store: str | os.PathLike) -> list[Quarantined]:
+    """Every run file moved to runs/_quarantine/, oldest first: move one back to runs/ once it is repaired."""
+    fs, root = _resolve(store)
+    out = []
+    for path in _run_files(fs, f"{root}/runs/{QUARANTINE}"):
+        note = {"file": path.rsplit("/", 1)[1], "reason": "no note"}
+        if fs.get_file_info(f"{path}.json").type == pafs.FileType.File:
+            with fs.open_input_stream(f"{path}.json") as f:
+                note.update(json.loads(f.read()))
+        out.append(Quarantined(file=note["file"], moved_to=path, reason=note["reason"]))
+    return sorted(out, key=lambda q: q.moved_to.rsplit(".", 2)[-2])
 
 
 def read_curve(store: str | os.PathLike, run_id: str) -> pa.Table:

@@ -195,6 +195,16 @@ def stored_status(store: str) -> dict[str, str]:
     return dict(zip(table.column("run_id").to_pylist(), table.column("status").to_pylist()))
 
 
+def report_quarantined(store: str, out=sys.stdout) -> None:
+    """Name the run files the store reader moved aside: their cells have no row, so the grid trains them again."""
+    from training import results_store
+
+    bad = results_store.quarantined(store)
+    if bad:
+        print(f"store: {len(bad)} unreadable run file(s) moved to runs/_quarantine/ (a cell without a readable row "
+              f"is trained again): " + "; ".join(f"{q.file} ({q.reason[:120]})" for q in bad), file=out, flush=True)
+
+
 def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str], out=sys.stdout) -> int:
     """A grid cell identical to an LR-search run (same run id: the search cell at the best LR) is copied from the
     search store, relabelled, instead of being trained again."""
@@ -231,6 +241,7 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, 
     from tuning.trainable import cell_payload
 
     stored = stored_status(spec.storage)
+    report_quarantined(spec.storage, out)
     if spec.lr.rule == "tuned":
         reuse_search_runs(spec, cells, stored, out)
     todo = [c for c in cells if stored.get(c.run_id) not in ("completed", "diverged")]
