@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from ray import tune
@@ -53,6 +54,8 @@ class Interrupt:
             raise SweepInterrupted(self.signum, progress)
 
     def __enter__(self) -> Interrupt:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals; a sweep run from a thread is stopped by its caller
         self._tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for sig in SIGNALS:
@@ -60,6 +63,8 @@ class Interrupt:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self._previous:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._tune_handler is None:
