@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -69,6 +70,9 @@ class LoopbackCluster:
             RAY_USAGE_STATS_ENABLED="0",
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             PYTHONUNBUFFERED="1",
+            # `ray job stop` sends SIGTERM, then SIGKILL after this long (default 3 s): time for a clean stop on a
+            # loaded CI machine.
+            RAY_JOB_STOP_WAIT_TIME_S="120",
         )
         return env
 
@@ -148,12 +152,20 @@ class LoopbackCluster:
             time.sleep(1)
         raise TimeoutError(f"cluster did not reach {n} alive nodes: {last}")
 
-    def submit(self, working_dir: Path, entrypoint: list[str], timeout: float) -> subprocess.CompletedProcess:
-        """`ray job submit` exactly as a user types it; blocks until the job ends (exit 1 if it failed)."""
-        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", ".", "--", *entrypoint]
+    def submit(self, working_dir: Path, entrypoint: list[str], timeout: float,
+               wait: bool = True) -> subprocess.CompletedProcess:
+        """`ray job submit` exactly as a user types it; blocks until the job ends (exit 1 if it failed), or with
+        `wait=False` until it is submitted (the job id is in the output)."""
+        cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", ".",
+               *([] if wait else ["--no-wait"]), "--", *entrypoint]
         return subprocess.run(
             cmd, cwd=working_dir, env=self.env, capture_output=True, text=True, timeout=timeout
         )
+
+    def job(self, verb: str, job_id: str) -> subprocess.CompletedProcess:
+        """`ray job stop | logs JOB_ID`."""
+        cmd = [RAY, "job", verb, "--address", self.dashboard_url, job_id]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
 
     def processes(self) -> list[psutil.Process]:
         """Every process this cluster started: those naming one of its temp dirs, and their descendants
@@ -290,21 +302,24 @@ def _scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _checkout(tmp_path: Path) -> Path:
+    """The user's checkout, uploaded as the job's working dir. A copy, so the test never writes into the
+    repository; .rayignore and .gitignore travel with it and filter the upload as they would."""
+    work = tmp_path / "checkout"
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
+                                                              ".pytest_cache", "results", "runs"))
+    return work
+
+
 @pytest.mark.slow
 def test_sweep_job_on_two_nodes(cluster, tmp_path):
-    if not (REPO / "tuning" / "sweep.py").exists():
-        pytest.skip("tuning/sweep.py not written yet")
     import math
 
     import pandas as pd
 
     from analysis import ScalingLaw
 
-    # The user's checkout with their spec in it, uploaded as the job's working dir. A copy, so the test never
-    # writes into the repository; .rayignore and .gitignore travel with it and filter the upload as they would.
-    work = tmp_path / "checkout"
-    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info",
-                                                              ".pytest_cache", "results", "runs"))
+    work = _checkout(tmp_path)
     (work / "e2e-spec.yaml").write_text(SWEEP_SPEC)
     store = tmp_path / "store"  # one filesystem for all loopback nodes: a local path is shared storage here
     before = {a["actor_id"] for a in cluster.actors()}
@@ -336,3 +351,45 @@ def test_sweep_job_on_two_nodes(cluster, tmp_path):
     # The fitted law, through the public loader.
     law = ScalingLaw.load(store / "law.json")
     assert law.n_runs == N_CELLS and law.phi is not None and math.isfinite(law.phi)
+
+
+@pytest.mark.slow
+def test_ray_job_stop_ends_the_sweep_leaving_no_trial_running(cluster, tmp_path):
+    """`ray job stop` sends the driver SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S): the sweep stops its
+    Tune experiment, fails the LR search's running trial (queued again for the rerun) and says how to resume."""
+    import optuna
+    import yaml
+    from optuna.trial import TrialState
+
+    spec = yaml.safe_load(SWEEP_SPEC)
+    spec["lr"] = {"rule": "tuned", "search": {"trials": 1, "low": 1.0e-3, "high": 3.0e-2, "width": 32, "r": 1}}
+    work = _checkout(tmp_path)
+    (work / "stop-spec.yaml").write_text(yaml.safe_dump(spec))
+    store = tmp_path / "store"
+    proc = cluster.submit(work, ["python", "tuning/sweep.py", "--config", "stop-spec.yaml", "--storage", str(store)],
+                          timeout=300, wait=False)
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout + proc.stderr).group(0)
+
+    db = store / "optuna.db"
+
+    def trials() -> list:
+        if not db.exists():  # the driver creates it; reading must not
+            return []
+        try:
+            return optuna.load_study(study_name=f"{spec['name']}-lr", storage=f"sqlite:///{db}").get_trials()
+        except KeyError:
+            return []
+
+    deadline = time.monotonic() + 300
+    while not [t for t in trials() if t.state == TrialState.RUNNING]:
+        assert time.monotonic() < deadline, cluster.job("logs", job_id).stdout[-4000:]
+        time.sleep(0.5)
+    cluster.job("stop", job_id)  # returns once the job has ended
+    status, info = cluster.api(f"/api/jobs/{job_id}")
+    assert status == 200 and info["status"] == "STOPPED", info
+    logs = cluster.job("logs", job_id).stdout
+    assert "SIGTERM: stopping the sweep" in logs and "Traceback" not in logs, logs[-4000:]
+    assert "interrupted: lr search 0 of 1 trials done, grid not started; rerun the same command to resume" in logs
+    (interrupted, queued) = trials()
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["interrupted"], logs[-4000:]
+    assert queued.state == TrialState.WAITING  # its LR, for the rerun

@@ -18,14 +18,12 @@ meta.json is written last, so its presence marks a complete directory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import pyarrow.fs as pafs
 
 from training import corpus
 from training import tokenizer as tk
+from training.ray_session import ray_session
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_DOC_CHARS = 8192
@@ -160,41 +159,6 @@ def _tokenize(batch: pa.Table, tokenizer_json: str, max_doc_chars: int, val_frac
 
 
 # ---------------------------------------------------------------- driver
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None):
-    """Use the Ray already initialised in this process; else connect to `address` / RAY_ADDRESS; else start
-    a private local Ray (own short temp dir) and stop it afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    tmp = tempfile.mkdtemp(prefix="rp", dir="/tmp")
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        remove_ray_temp_dir(tmp)
-
-
-def remove_ray_temp_dir(path: str) -> None:
-    # Ray's agents can still write a few files while they exit after ray.shutdown(): retry briefly.
-    for _ in range(10):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
-            return
-        time.sleep(0.5)
 
 
 def _text_dataset(cfg: PrepareConfig):

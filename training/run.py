@@ -8,21 +8,19 @@ validated, and a prepared data folder checked, before Ray starts.
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime as dt
 import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Iterable
 
 from models.accounting import param_counts
 from training import results_store
 from training.config import RunConfig
+from training.ray_session import ray_session
 
 def check_data(cfg: RunConfig, data_dir: str | None = None) -> dict | None:
     """Check a prepared folder against the model before any training starts; returns its meta (None for an
@@ -148,28 +146,23 @@ def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """
     from ray.train import TrainingFailedError
 
-    import ray
-
     store = storage_root(cfg)
     stored = results_store.read_run(store, cfg.run_id)
     if stored is not None and stored["status"] != "failed":
         return stored
-    if not ray.is_initialized():
-        # A bare ray.init() (what fit() would do) attaches to any Ray running on the machine; be explicit.
-        tmp = _init_ray()
-        atexit.register(_stop_ray, tmp)
-    started = dt.datetime.now(dt.timezone.utc)
-    t0 = time.perf_counter()
-    trainer = build_trainer(cfg, callbacks)
     error = None
-    try:
-        result = trainer.fit()
-        summary = result.return_value or _summary_from_checkpoint(result.checkpoint)
-        if summary is None:
-            error = "the training loop returned no summary"
-    except TrainingFailedError as exc:
-        summary, error = None, f"{type(exc).__name__}: {exc}"[:4000]
-    wall = time.perf_counter() - t0
+    with ray_session():  # the caller's Ray (a sweep trial, main, a test), else a private one for this run
+        started = dt.datetime.now(dt.timezone.utc)
+        t0 = time.perf_counter()
+        trainer = build_trainer(cfg, callbacks)
+        try:
+            result = trainer.fit()
+            summary = result.return_value or _summary_from_checkpoint(result.checkpoint)
+            if summary is None:
+                error = "the training loop returned no summary"
+        except TrainingFailedError as exc:
+            summary, error = None, f"{type(exc).__name__}: {exc}"[:4000]
+        wall = time.perf_counter() - t0
     row = make_row(cfg, summary, status="failed" if summary is None else None, wall_seconds=wall,
                    started_at=started, finished_at=dt.datetime.now(dt.timezone.utc), error=error)
     depths = (summary or {}).get("depths") or ()
@@ -196,26 +189,6 @@ def branch_rows(cfg: RunConfig, summary: dict[str, Any] | None, started: dt.date
     return rows
 
 
-def _init_ray() -> str | None:
-    """Attach to RAY_ADDRESS, else start a private local Ray; returns the temp dir to clean up (local only)."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return None
-    tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")  # short: Ray's socket paths must stay under 108 chars
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=tmp)
-    return tmp
-
-
-def _stop_ray(tmp: str | None) -> None:
-    import ray
-
-    ray.shutdown()
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML (see training/configs/tiny.yaml)")
@@ -230,13 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    tmp = _init_ray()
-    try:
+    with ray_session():
         print(f"run {cfg.run_id}: {cfg.steps} steps x {cfg.batch_tokens} tokens, "
               f"{cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, storage {storage_root(cfg)}", flush=True)
         row = execute(cfg)
-    finally:
-        _stop_ray(tmp)
     print(f"run {row['run_id']}: {row['status']}  val_loss {row['val_loss']:.4f} nats  "
           f"val_bpb {row['val_bpb']:.4f}  steps {row['steps']}  tokens {row['tokens']}  "
           f"{row['tokens_per_second']:.0f} tok/s  mfu {row['mfu']:.3%}  wall {row['wall_seconds']:.1f}s", flush=True)

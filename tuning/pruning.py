@@ -121,6 +121,16 @@ class OptunaBridge:
         self.live.pop(trial_id, None)
         return True
 
+    def abandon_live(self) -> None:
+        """The sweep was interrupted: every trial still running is told FAIL (tagged interrupted, so it does not
+        count against the search budget) and its parameters are queued again, so the rerun continues the same runs
+        from their checkpoints. Leaves no trial RUNNING in the study."""
+        for ot in self.live.values():
+            ot.set_user_attr(INTERRUPTED, True)
+            self.study.tell(ot, state=TrialState.FAIL)
+            self.study.enqueue_trial(ot.params, skip_if_exists=False)
+        self.live.clear()
+
     def finish(self, trial_id: str, result: Mapping[str, Any] | None, error: bool) -> None:
         """Tell the study how a trial ended (nothing to do for one already told PRUNED)."""
         ot = self.live.pop(trial_id, None)

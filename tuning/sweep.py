@@ -8,12 +8,15 @@ pruned by the Optuna pruner through tuning.pruning; (2) the grid: one Tune trial
 store, LR transferred from the search; (3) the fit (analysis, when importable): law JSON and plots in the store,
 and per variant whether test-time recurrences beyond the trained r help or hurt.
 Rerunning the same spec resumes: stored runs are skipped, interrupted ones relaunched (training resumes them from
-their checkpoints), the Optuna study reopened. Attaches to RAY_ADDRESS when set, else starts a private local Ray.
+their checkpoints), the Optuna study reopened. Ctrl-C (or `ray job stop`) stops it cleanly: it says how far it got
+and how to resume, fits nothing from a partial grid unless --fit-partial, and exits 130 (a second Ctrl-C stops at
+once; see tuning.interrupt). Attaches to RAY_ADDRESS when set, else starts a private local Ray (training.ray_session).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import math
 import os
 import shutil
@@ -27,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a plain script: make tuning/, training/, models/ importable
     sys.path.insert(0, str(REPO))
 
+from training.ray_session import ray_session  # noqa: E402
+from tuning.interrupt import Interrupt, InterruptStopper, SweepInterrupted  # noqa: E402
 from tuning.grid import Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, validate  # noqa: E402
 from tuning.spec import SweepSpec  # noqa: E402
 
@@ -42,39 +47,6 @@ def absolute_storage(spec: SweepSpec) -> SweepSpec:
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def connect(num_cpus: int | None = None, worker_logs: bool = False) -> str | None:
-    """Attach to RAY_ADDRESS (a cluster, or `ray job submit`), else start a private local Ray in its own temp dir.
-
-    The local Ray runs its dashboard: with Train V2 under Tune, the placement group of a trial stopped by a
-    scheduler is released by Train's PlacementGroupCleaner, which asks the dashboard's state API whether the
-    controller died. That client finds its cluster by address, and with several Rays on one machine "auto" is
-    ambiguous (the cleaner dies and the resources leak), so every process of this Ray is told its dashboard URL
-    (RAY_API_SERVER_ADDRESS). Worker output (every Train report) stays in the Ray logs unless `worker_logs`, so the
-    console shows the sweep's progress. Returns the temp dir to remove after shutdown."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=worker_logs)
-        return None
-    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay under 108 chars
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}"
-    os.environ["RAY_API_SERVER_ADDRESS"] = api  # the driver's own state-API calls, and processes it spawns
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=tmp, log_to_driver=worker_logs,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": api}})
-    return tmp
-
-
 def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
     """Trials at once = what the cluster fits (each trial holds its trainable plus its Train workers), unless the
     spec fixes it (e.g. an autoscaling cluster that grows on demand)."""
@@ -93,12 +65,15 @@ def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
     return fits
 
 
-def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list) -> Any:
+def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list, stop: Any) -> Any:
     from ray import tune
 
+    # The sweep reads its results store, never Tune's ResultGrid, whose warnings about trials stopped before their
+    # first report (an interrupt's: "Failed to fetch metrics ... FileNotFoundError") would only alarm.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return tune.RunConfig(name=f"{stage}-{stamp}", storage_path=f"{spec.storage.rstrip('/')}/tune",
-                          callbacks=callbacks, verbose=0,
+                          callbacks=callbacks, verbose=0, stop=stop,
                           failure_config=tune.FailureConfig(max_failures=0))  # Train retries inside the trial
 
 
@@ -115,8 +90,9 @@ def _dirname(trial: Any) -> str:
 
 
 # ---- stage 1: LR search ---------------------------------------------------------------------------------------------
-def lr_stage(spec: SweepSpec, out=sys.stdout) -> float:
-    """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR."""
+def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None) -> float:
+    """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR.
+    Raises SweepInterrupted when `interrupt` fires, leaving no trial of the study RUNNING."""
     import optuna
     from ray import tune
 
@@ -158,10 +134,13 @@ def lr_stage(spec: SweepSpec, out=sys.stdout) -> float:
                                         metric=METRIC, mode="min", num_samples=remaining,
                                         max_concurrent_trials=concurrency(spec, s.concurrency),
                                         trial_dirname_creator=_dirname),
-            run_config=_tune_run_config(spec, "lr", [progress]),
+            run_config=_tune_run_config(spec, "lr", [progress], InterruptStopper(interrupt, bridge.abandon_live)),
         )
         tuner.fit()
         print(progress.summary(), file=out, flush=True)
+        if interrupt is not None:
+            interrupt.raise_if_requested(f"lr search {finished_trials(study)} of {s.trials} trials done, "
+                                         "grid not started")
     summary_of_study(study, out)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -233,7 +212,10 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
     return copied
 
 
-def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, int]:
+def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: Interrupt | None = None
+               ) -> dict[str, int]:
+    """Train every cell not yet in the store; returns the cells' counts by stored status ("missing": no row).
+    Raises SweepInterrupted when `interrupt` fires."""
     from ray import tune
 
     from tuning.grid import trials
@@ -255,7 +237,7 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, 
             _trainable(spec),
             param_space={"cell": tune.grid_search([cell_payload(run, r=c.r, label=c.label) for run, c in runs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(spec), trial_dirname_creator=_dirname),
-            run_config=_tune_run_config(spec, "grid", [progress]),
+            run_config=_tune_run_config(spec, "grid", [progress], InterruptStopper(interrupt)),
         )
         tuner.fit()
         print(progress.summary(), file=out, flush=True)
@@ -264,6 +246,9 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, 
     for c in cells:
         status = stored.get(c.run_id, "missing")
         counts[status] = counts.get(status, 0) + 1
+    if interrupt is not None:
+        done = counts.get("completed", 0) + counts.get("diverged", 0)
+        interrupt.raise_if_requested(f"{done} of {len(cells)} runs stored, {len(cells) - done} left")
     return counts
 
 
@@ -342,33 +327,28 @@ def _upload(folder: Path, uri: str) -> None:
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------
-def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, worker_logs: bool = False,
-              out=sys.stdout) -> dict[str, Any]:
-    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth}."""
+def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, fit_partial: bool = False,
+              worker_logs: bool = False, out=sys.stdout) -> dict[str, Any]:
+    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth}. On SIGINT / SIGTERM
+    it prints how far it got and raises SweepInterrupted, after fitting the partial grid only if `fit_partial`."""
     spec = absolute_storage(spec)
     cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
     print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
           f"{[v.name for v in spec.variants]}), LR {spec.lr.rule}, store {spec.storage}", file=out, flush=True)
-    import ray
-
-    api_before = os.environ.get("RAY_API_SERVER_ADDRESS")
-    tmp = connect(num_cpus, worker_logs)
     try:
-        best = lr_stage(spec, out) if spec.lr.rule == "tuned" else None
-        plan: LRPlan = lr_plan(spec, best)
-        if best is not None:
-            print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
-                  f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
-        cells = expand(spec, plan)
-        counts = grid_stage(spec, cells, out)
-    finally:
-        ray.shutdown()
-        if tmp:
-            if api_before is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = api_before
-            shutil.rmtree(tmp, ignore_errors=True)
+        with ray_session(num_cpus=num_cpus, dashboard=True, log_to_driver=worker_logs), Interrupt(out) as interrupt:
+            best = lr_stage(spec, out, interrupt) if spec.lr.rule == "tuned" else None
+            plan: LRPlan = lr_plan(spec, best)
+            if best is not None:
+                print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
+                      f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
+            cells = expand(spec, plan)
+            counts = grid_stage(spec, cells, out, interrupt)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
+        if fit_partial:
+            fit_stage(spec, out)
+        raise
     print(f"grid result: {counts}", file=out, flush=True)
     law = fit_stage(spec, out) if fit else None
     depth = depth_stage(spec, out) if fit else []
@@ -382,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=None, help="override the spec's storage (folder or pyarrow.fs URI)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--no-fit", action="store_true", help="skip the law fit at the end")
+    parser.add_argument("--fit-partial", action="store_true",
+                        help="fit the runs stored so far even when the sweep is interrupted (default: no fit)")
     parser.add_argument("--worker-logs", action="store_true",
                         help="stream the Ray workers' output (every Train report) to the console")
     args = parser.parse_args(argv)
@@ -391,7 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run_sweep(spec, num_cpus=args.num_cpus, fit=not args.no_fit, worker_logs=args.worker_logs)
+    try:
+        result = run_sweep(spec, num_cpus=args.num_cpus, fit=not args.no_fit, fit_partial=args.fit_partial,
+                           worker_logs=args.worker_logs)
+    except SweepInterrupted as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:  # before Ray started, or during the fit: nothing of the sweep is lost
+        print("interrupted; rerun the same command to resume", flush=True)
+        return 130
     wall = time.perf_counter() - t0
     missing = result["counts"].get("missing", 0) + result["counts"].get("failed", 0)
     print(f"sweep wall time: {wall:.1f} s", flush=True)

@@ -1,0 +1,107 @@
+"""Stopping a sweep from outside: Ctrl-C (SIGINT) or `ray job stop` (SIGTERM, then SIGKILL after the head's
+RAY_JOB_STOP_WAIT_TIME_S, 3 s by default).
+
+The first signal asks the running stage to stop: Tune's stopper (`InterruptStopper`, a public Tune Stopper) ends
+the experiment, Tune stops its trials and saves its state, and the sweep raises `SweepInterrupted`, which the
+driver turns into one line saying how far it got and exit code 128 + signal (130 for Ctrl-C). A second signal exits
+at once. Either way a rerun of the same command resumes: stored runs are skipped, interrupted ones continue from
+their checkpoints.
+
+Tune's own SIGINT handler is turned off while ours is installed: it tells its caller nothing, advises
+`Tuner.restore(...)` (not how a sweep resumes) and ignores SIGTERM.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+from ray import tune
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class SweepInterrupted(Exception):
+    """The sweep stopped early on a signal; `progress` says how far it got."""
+
+    def __init__(self, signum: int, progress: str):
+        super().__init__(progress)
+        self.signum = signum
+        self.progress = progress
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Interrupt:
+    """While entered: the first SIGINT / SIGTERM is recorded (`requested`), the second exits at once."""
+
+    def __init__(self, out=sys.stderr):
+        self.out = out
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._tune_handler: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def raise_if_requested(self, progress: str) -> None:
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum, progress)
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals; a sweep run from a thread is stopped by its caller
+        self._tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._previous:
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._tune_handler
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            # No cleanup to wait for: the private Ray's guard reaps it, and a rerun re-queues what was cut short.
+            print(f"{signal.Signals(signum).name} again: stopping now; rerun the same command to resume",
+                  file=self.out, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping the sweep after Ray Tune saves its state "
+              "(send it again to stop at once)", file=self.out, flush=True)
+
+
+class InterruptStopper(tune.Stopper):
+    """Ends a Tune experiment once the interrupt is requested; `on_stop` runs first, once, in Tune's loop (where
+    it is safe to touch the searcher's state, unlike in a signal handler)."""
+
+    def __init__(self, interrupt: Interrupt, on_stop: Callable[[], None] | None = None):
+        self.interrupt = interrupt
+        self.on_stop = on_stop
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its run config with the experiment; signal handlers do not pickle (nor need to)."""
+        return {"interrupt": None, "on_stop": None}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        if self.interrupt is None or not self.interrupt.requested:
+            return False
+        if self.on_stop is not None:
+            on_stop, self.on_stop = self.on_stop, None
+            on_stop()
+        return True
