@@ -57,7 +57,7 @@ def _with_new_defaulted_fields(cfg, model=None, optim=None, run=None):
     """The same config under code that grew a defaulted field in LoopedConfig, OptimConfig and RunConfig."""
     Looped2 = dataclasses.make_dataclass("Looped2", [("norm", str, "rms")], bases=(LoopedConfig,), frozen=True)
     Optim2 = dataclasses.make_dataclass("Optim2", [("recipe", str, "adamw")], bases=(OptimConfig,), frozen=True)
-    Run2 = dataclasses.make_dataclass("Run2", [("eval_depths", tuple, ())], bases=(RunConfig,), frozen=True)
+    Run2 = dataclasses.make_dataclass("Run2", [("new_setting", tuple, ())], bases=(RunConfig,), frozen=True)
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
     fields["model"] = Looped2(**dataclasses.asdict(cfg.model), **(model or {}))
     fields["optim"] = Optim2(**dataclasses.asdict(cfg.optim), **(optim or {}))
@@ -71,9 +71,9 @@ def test_a_new_defaulted_field_leaves_run_ids_alone(monkeypatch):
     assert _with_new_defaulted_fields(cfg, optim={"recipe": "muon"}).run_id != cfg.run_id
     # A new top-level field counts once it is listed as part of the experiment, and then only off its default.
     stored_id = cfg.run_id
-    monkeypatch.setattr(config_module, "EXPERIMENT_FIELDS", config_module.EXPERIMENT_FIELDS + ("eval_depths",))
+    monkeypatch.setattr(config_module, "EXPERIMENT_FIELDS", config_module.EXPERIMENT_FIELDS + ("new_setting",))
     assert _with_new_defaulted_fields(cfg).run_id == stored_id
-    assert _with_new_defaulted_fields(cfg, run={"eval_depths": (1, 4)}).run_id != stored_id
+    assert _with_new_defaulted_fields(cfg, run={"new_setting": (1, 4)}).run_id != stored_id
 
 
 def test_run_ids_are_stable_across_versions():
