@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from training import results_store
+from training.storage import filesystem
 
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "val_loss")
 
@@ -60,10 +61,7 @@ def _read_source(source: Any) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
         raise TypeError(f"results must be a store path/URI, a .parquet/.csv file, a pyarrow.Table or a "
                         f"pandas.DataFrame, got {type(source).__name__}")
     text = str(source)
-    if "://" in text:
-        fs, path = pafs.FileSystem.from_uri(text)
-    else:
-        fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
+    fs, path = filesystem(text)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"results source {text!r} does not exist")

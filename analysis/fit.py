@@ -9,7 +9,8 @@ import numpy as np
 
 from . import engine
 from .data import RunTable, load_runs
-from .law import COEFFS, DEFAULT_LEVEL, ScalingLaw, derived_quantities, percentile_interval
+from .intervals import DEFAULT_LEVEL, percentile_interval
+from .law import COEFFS, ScalingLaw, derived_quantities
 from .objective import DEFAULT_DELTA, I_A, I_B, I_E, I_PHI, N_PARAMS, PARAM_NAMES, FitData
 
 FORMS = ("auto", "looped", "dense")

@@ -15,9 +15,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .intervals import DEFAULT_LEVEL, percentile_interval
+from .optimal import OptimalDesign, optimal_design
+
 COEFFS = ("E", "A", "alpha", "B", "beta", "phi")
 REC_MULTIPLIER_R = (2, 4, 8)
-DEFAULT_LEVEL = 0.95
 
 
 class Estimate(NamedTuple):
@@ -42,13 +44,6 @@ def derived_quantities(coeffs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for k in REC_MULTIPLIER_R:
             out[f"rec_multiplier_r{k}"] = np.power(float(k), np.asarray(phi, float))
     return out
-
-
-def percentile_interval(values: np.ndarray, level: float = DEFAULT_LEVEL, axis: int = 0):
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    return np.nanpercentile(values, lo, axis=axis), np.nanpercentile(values, hi, axis=axis)
 
 
 def _scalar(x):
@@ -139,18 +134,24 @@ class ScalingLaw:
             cols["phi"] = np.zeros(len(d))
         return cols
 
+    def _per_draw(self, fn, args) -> np.ndarray | None:
+        """fn under every bootstrap draw: shape (n_draws, *the query's broadcast shape); None without draws."""
+        cols = self._draw_coeffs()
+        if cols is None or not len(cols["E"]):
+            return None
+        # Coefficients shaped (n_draws, 1, ..., 1) so the query's own array shape broadcasts behind them.
+        nd = len(np.broadcast_shapes(*[np.shape(a) for a in args]))
+        shaped = {k: v.reshape((-1,) + (1,) * nd) for k, v in cols.items()}
+        return fn(shaped, *[np.asarray(a, float) for a in args])
+
     def _with_interval(self, fn, args, ci: bool, level: float):
         value = _scalar(fn(self.coefficients | {"phi": self._phi(self.phi)}, *args))
         if not ci:
             return value
-        cols = self._draw_coeffs()
-        if cols is None:
+        per_draw = self._per_draw(fn, args)
+        if per_draw is None:
             return Estimate(value)
-        # Coefficients shaped (n_draws, 1, ..., 1) so the query's own array shape broadcasts behind them.
-        nd = len(np.broadcast_shapes(*[np.shape(a) for a in args]))
-        shaped = {k: v.reshape((-1,) + (1,) * nd) for k, v in cols.items()}
-        args_b = [np.asarray(a, float) for a in args]
-        lo, hi = percentile_interval(fn(shaped, *args_b), level)
+        lo, hi = percentile_interval(per_draw, level)
         return Estimate(value, _scalar(lo), _scalar(hi))
 
     def effective_params(self, n_once, n_rec, r, *, ci: bool = False, level: float = DEFAULT_LEVEL):
@@ -166,28 +167,29 @@ class ScalingLaw:
         """
         return self.effective_params(n_once, n_rec, r, ci=ci, level=level)
 
+    @classmethod
+    def _loss(cls, c, n_once, n_rec, r, tokens):
+        n_eff = cls._eff(n_once, n_rec, r, c["phi"])
+        return c["E"] + c["A"] * np.power(n_eff, -c["alpha"]) + c["B"] * np.power(np.asarray(tokens, float), -c["beta"])
+
     def predict(self, n_once, n_rec, r, tokens, *, ci: bool = False, level: float = DEFAULT_LEVEL):
         """Predicted loss (nats) for models with these parameter counts, recurrences and training tokens."""
-        def f(c, a, b, rr, d):
-            n_eff = self._eff(a, b, rr, c["phi"])
-            return c["E"] + c["A"] * np.power(n_eff, -c["alpha"]) + c["B"] * np.power(np.asarray(d, float), -c["beta"])
-        return self._with_interval(f, (n_once, n_rec, r, tokens), ci, level)
+        return self._with_interval(self._loss, (n_once, n_rec, r, tokens), ci, level)
+
+    def predict_draws(self, n_once, n_rec, r, tokens) -> np.ndarray | None:
+        """Predicted loss under every bootstrap draw, shape (n_draws, *query shape); None without draws."""
+        return self._per_draw(self._loss, (n_once, n_rec, r, tokens))
 
     def derived(self) -> dict[str, float]:
         return {k: float(v) for k, v in derived_quantities(self.coefficients | {"phi": self.phi}).items()}
 
     def optimal(self, compute: float, r_values=(1, 2, 4, 8), max_unique_params: float | None = None,
                 max_inference_flops_per_token: float | None = None, family: str = "reference",
-                sizes=None, level: float = DEFAULT_LEVEL):
+                sizes=None, level: float = DEFAULT_LEVEL) -> OptimalDesign:
         """Budget-optimal design: see analysis.optimal.optimal_design."""
-        from .optimal import optimal_design
         return optimal_design(self, compute, r_values=r_values, max_unique_params=max_unique_params,
                               max_inference_flops_per_token=max_inference_flops_per_token, family=family,
                               sizes=sizes, level=level)
-
-    def draw_coefficients(self) -> dict[str, np.ndarray] | None:
-        """Bootstrap draws as name -> array (phi zeros for the dense form), or None without draws."""
-        return self._draw_coeffs()
 
     # ---- persistence --------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -8,10 +8,14 @@ parameters N_once + N_rec; inference cost = inference_flops_per_token(cfg) (forw
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .law import DEFAULT_LEVEL, ScalingLaw, percentile_interval
+from .intervals import DEFAULT_LEVEL, percentile_interval
+
+if TYPE_CHECKING:  # law.py imports this module for ScalingLaw.optimal: only type checkers need the name here
+    from .law import ScalingLaw
 
 FAMILIES = ("reference",)
 DEFAULT_SIZES = tuple(range(2, 129, 2))  # even s: each gives a distinct width d = 64 s
@@ -97,12 +101,7 @@ def optimal_design(law: ScalingLaw, compute: float, r_values=(1, 2, 4, 8), max_u
     loss = np.asarray(law.predict(c["n_once"], c["n_rec"], c["r"], tokens), dtype=float)
     masked = np.where(feasible, loss, np.inf)
 
-    draws = law.draw_coefficients()
-    draw_loss = None
-    if draws is not None and len(draws["E"]):
-        col = {k: v[:, None] for k, v in draws.items()}
-        n_eff = c["n_once"] + np.power(c["r"].astype(float), col["phi"]) * c["n_rec"]
-        draw_loss = col["E"] + col["A"] * n_eff ** (-col["alpha"]) + col["B"] * tokens ** (-col["beta"])
+    draw_loss = law.predict_draws(c["n_once"], c["n_rec"], c["r"], tokens)  # (n_draws, n_designs) or None
 
     def design(i: int) -> Design:
         ci = None

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from training.storage import filesystem
+
 PARQUET_EXTS = (".parquet", ".pq")
 ARROW_EXTS = (".arrow", ".feather", ".ipc")
-
-
-def resolve_path(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or any pyarrow.fs URI (s3://, gs://, file://)."""
-    path = str(path)
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
 # ---------------------------------------------------------------- default corpus
@@ -98,7 +92,7 @@ def list_input_files(src: str) -> InputFiles:
 
     Hidden and bookkeeping files (names starting with '.' or '_', e.g. _SUCCESS) are skipped.
     """
-    fs, root = resolve_path(src)
+    fs, root = filesystem(src)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ValueError(f"input: {src!r} does not exist; pass --input a file or folder of text/Parquet/Arrow")

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from training.corpus import resolve_path
+from training.storage import filesystem
 
 STATE_VERSION = 1
 # Sharding by whole row groups saves each rank reading what other ranks use; it needs enough groups per
@@ -30,7 +30,7 @@ MIN_UNITS_PER_RANK = 4
 
 
 def load_meta(data_dir: str) -> dict:
-    fs, root = resolve_path(data_dir)
+    fs, root = filesystem(data_dir)
     try:
         with fs.open_input_stream(f"{root}/meta.json") as fh:
             return json.loads(fh.read().decode("utf-8"))
@@ -44,7 +44,7 @@ def load_data_tokenizer(data_dir: str):
     """The tokenizer a prepared folder was tokenized with."""
     from training.tokenizer import load_tokenizer
 
-    fs, root = resolve_path(data_dir)
+    fs, root = filesystem(data_dir)
     with fs.open_input_stream(f"{root}/tokenizer.json") as fh:
         return load_tokenizer(fh.read().decode("utf-8"))
 
@@ -120,7 +120,7 @@ class TokenLoader:
         self.buffer_size, self.shuffle = buffer_size, shuffle
         self.meta = load_meta(data_dir)
         self.bos_id = int(self.meta["bos_id"])
-        self._fs, root = resolve_path(data_dir)
+        self._fs, root = filesystem(data_dir)
         self._units = _list_units(self._fs, f"{root}/{split}")
         n_docs = sum(u.num_rows for u in self._units)
         if n_docs < world_size:

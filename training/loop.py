@@ -24,7 +24,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint
 
     from training.monitor import Scalars
-    from training.run import storage_root
+    from training.storage import storage_root
 
     cfg = RunConfig.from_dict(config["run"])
     ctx = ray.train.get_context()

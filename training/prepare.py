@@ -37,6 +37,7 @@ import pyarrow.fs as pafs
 from training import corpus
 from training import tokenizer as tk
 from training.ray_session import ray_session
+from training.storage import filesystem
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_DOC_CHARS = 8192
@@ -316,7 +317,7 @@ def prepare(cfg: PrepareConfig, ray_address: str | None = None) -> dict:
     Locally the output is built in a sibling temp folder and renamed into place, so a crash never leaves a
     half-written DIR; on a URI it is written in place and meta.json (written last) marks it complete.
     """
-    fs, out = corpus.resolve_path(cfg.out)
+    fs, out = filesystem(cfg.out)
     if not _is_empty_or_missing(fs, out):
         if not cfg.overwrite:
             raise ValueError(f"out: {cfg.out!r} exists and is not empty; pick another folder or pass --overwrite")

@@ -26,6 +26,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from training.storage import filesystem
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "diverged", "failed")
@@ -110,13 +112,6 @@ DEPTH_SCHEMA = pa.schema([
 REQUIRED = ("run_id", "status", "d_model", "r", "n_once", "n_rec", "flops_per_token", "tokens", "compute", "val_loss")
 
 
-def _resolve(store: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    store = os.fspath(store)
-    if "://" in store:
-        return pafs.FileSystem.from_uri(store)
-    return pafs.LocalFileSystem(), os.path.abspath(store)
-
-
 def _atomic_write(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table) -> None:
     fs.create_dir(folder, recursive=True)
     tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
@@ -163,7 +158,7 @@ def write_run(store: str | os.PathLike, row: Mapping[str, Any], curve: Iterable[
     """Write (or replace) the run's curve then its row, each atomically."""
     run_id = _check_run_id(row.get("run_id"))
     table = run_table(row)  # validate before touching storage
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     _atomic_write(fs, f"{root}/curves", f"{run_id}.parquet", curve_table(run_id, curve))
     _atomic_write(fs, f"{root}/runs", f"{run_id}.parquet", table)
 
@@ -179,13 +174,13 @@ def depth_table(run_id: str, depths: Iterable[Mapping[str, Any]]) -> pa.Table:
 def write_depths(store: str | os.PathLike, run_id: str, depths: Iterable[Mapping[str, Any]]) -> None:
     """Write (or replace) the run's test-time depth table atomically; write it before the run's row."""
     table = depth_table(_check_run_id(run_id), depths)
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     _atomic_write(fs, f"{root}/depths", f"{run_id}.parquet", table)
 
 
 def read_depths(store: str | os.PathLike, run_id: str | None = None) -> pa.Table:
     """Every run's depth rows (one run's with `run_id`); an empty DEPTH_SCHEMA table when there are none."""
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     path = f"{root}/depths" if run_id is None else f"{root}/depths/{_check_run_id(run_id)}.parquet"
     kind = fs.get_file_info(path).type
     if kind not in (pafs.FileType.Directory, pafs.FileType.File):
@@ -194,7 +189,7 @@ def read_depths(store: str | os.PathLike, run_id: str | None = None) -> pa.Table
 
 
 def has_run(store: str | os.PathLike, run_id: str) -> bool:
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     return fs.get_file_info(f"{root}/runs/{_check_run_id(run_id)}.parquet").type == pafs.FileType.File
 
 
@@ -255,7 +250,7 @@ def read_runs(store: str | os.PathLike) -> pa.Table:
     A file that holds no readable row (truncated, not Parquet, no run_id) is moved to runs/_quarantine/ (see
     `quarantined`) and the other runs are read: one bad file costs its run, which a sweep then trains again.
     """
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     tables = [t for t in (_read_row_file(fs, p) for p in _run_files(fs, f"{root}/runs")) if t is not None]
     return pa.concat_tables(tables) if tables else RUN_SCHEMA.empty_table()
 
@@ -264,14 +259,14 @@ def read_run(store: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
     """The run's row as a dict, or None when the store has none (or its file was unreadable, now quarantined)."""
     if not has_run(store, run_id):
         return None
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     table = _read_row_file(fs, f"{root}/runs/{run_id}.parquet")
     return None if table is None else table.to_pylist()[0]
 
 
 def quarantined(store: str | os.PathLike) -> list[Quarantined]:
     """Every run file moved to runs/_quarantine/, oldest first: move one back to runs/ once it is repaired."""
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     out = []
     for path in _run_files(fs, f"{root}/runs/{QUARANTINE}"):
         note = {"file": path.rsplit("/", 1)[1], "reason": "no note"}
@@ -283,7 +278,7 @@ def quarantined(store: str | os.PathLike) -> list[Quarantined]:
 
 
 def read_curve(store: str | os.PathLike, run_id: str) -> pa.Table:
-    fs, root = _resolve(store)
+    fs, root = filesystem(store)
     path = f"{root}/curves/{_check_run_id(run_id)}.parquet"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return CURVE_SCHEMA.empty_table()

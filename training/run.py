@@ -21,6 +21,7 @@ from models.accounting import param_counts
 from training import results_store
 from training.config import RunConfig
 from training.ray_session import ray_session
+from training.storage import storage_root
 
 def check_data(cfg: RunConfig, data_dir: str | None = None) -> dict | None:
     """Check a prepared folder against the model before any training starts; returns its meta (None for an
@@ -52,10 +53,6 @@ def resolve_data(cfg: RunConfig) -> str:
     path = ensure_default_data(vocab_size=cfg.model.vocab_size)  # cached under $LOOPLAW_DATA_ROOT
     check_data(cfg, path)
     return path
-
-
-def storage_root(cfg: RunConfig) -> str:
-    return cfg.storage if "://" in cfg.storage else os.path.abspath(cfg.storage)
 
 
 def build_trainer(cfg: RunConfig, callbacks: Iterable[Any] = (), name: str | None = None):

@@ -41,9 +41,9 @@ METRIC = "val_loss"
 
 def absolute_storage(spec: SweepSpec) -> SweepSpec:
     """Trials run in other processes (other cwd): a local store must be an absolute path."""
-    if "://" in spec.storage:
-        return spec
-    return spec.replace(storage=str(Path(spec.storage).expanduser().resolve()))
+    from training.storage import absolute
+
+    return spec.replace(storage=absolute(spec.storage))
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
@@ -321,7 +321,9 @@ def _plots(spec: SweepSpec, law: Any, folder: Path, out) -> None:
 def _upload(folder: Path, uri: str) -> None:
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(uri)
+    from training.storage import filesystem
+
+    fs, root = filesystem(uri)
     pafs.copy_files(str(folder), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     shutil.rmtree(folder, ignore_errors=True)
 
