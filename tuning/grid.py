@@ -14,7 +14,7 @@ from typing import Any
 
 from models.config import LoopedConfig
 from training.config import RunConfig
-from tuning.spec import SweepSpec, Variant, fail
+from tuning.spec import SweepSpec, Variant, fail, micro_batch_at
 
 LR_SEARCH_VARIANT = "lr_search"
 
@@ -103,6 +103,8 @@ def run_config(spec: SweepSpec, *, compute: float, width: int, r: int, variant: 
     res = spec.resources
     where = f"cell {variant.name}/C={compute:.3g}/width={width}/r={r}"
     try:
+        if "micro_batch" in recipe:
+            recipe["micro_batch"] = micro_batch_at(recipe["micro_batch"], width)
         return RunConfig.from_dict({
             **recipe,
             "model": model_section(spec, width, r, resolve_overrides(variant, r, width)),
