@@ -37,12 +37,13 @@ class MuonHWithAuxAdam(MuonWithAuxAdam):
 
     @torch.no_grad()
     def step(self, closure=None, step_id=None):
-        # ZeRO 1/2 call this once per param group (param_groups then holds just that group), ZeRO 0 once for all.
+        # ZeRO 1/2 call this once per param group (param_groups then holds just that group), ZeRO 3 once per group
+        # with the other groups' params emptied, ZeRO 0 once for all.
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = [g for g in self.param_groups if g["use_muon"]]
+        groups = [g for g in self.param_groups if g["use_muon"] and g["params"]]
         if groups:
             weights = [g["params"][0] for g in groups]
             updates = [self._orthogonal_update(g) for g in groups]
@@ -50,7 +51,7 @@ class MuonHWithAuxAdam(MuonWithAuxAdam):
                 w.sub_(u.to(w.dtype) * (g["lr"] * g["sphere_norm"] / norm))
             for g, w, norm in zip(groups, weights, self._norms(weights)):
                 w.mul_(g["sphere_norm"] / norm)
-        aux = [g for g in self.param_groups if not g["use_muon"]]
+        aux = [g for g in self.param_groups if not g["use_muon"] and g["params"]]
         if aux:
             self.aux_optimizer.param_groups = aux  # the same dicts, so the schedule's LR reaches AdamW
             self.aux_optimizer.state = self.state  # one state: checkpoints hold both halves

@@ -94,6 +94,8 @@ def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
         # Params of the recurrent block are fetched once per recurrence: keep prefetch simple and the trace
         # from being invalidated by the varying module order of recurrence sampling.
         config["zero_optimization"].update({"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0})
+        if o.optimizer == "muonh":
+            config["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 Muon all-reduces gradients
     return config
 
 
