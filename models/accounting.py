@@ -1,6 +1,7 @@
 """Exact parameter and training-FLOP accounting of the looped family, as arXiv 2604.21106 counts them.
 
-Imports no torch. Embeddings are excluded from N_once / N_rec; the LM head is counted in FLOPs.
+Imports no torch. Embeddings are excluded from N_once / N_rec; the LM head is counted in FLOPs. The three norms
+outside the blocks (norm_emb, norm_recur, final_norm) count in N_once and, as in the study, not in FLOPs.
 
 Training FLOPs per token, with k = bptt_k (k = r for full backprop), T = seq_len, d = width:
 
@@ -25,7 +26,8 @@ from models.config import LoopedConfig
 @dataclass(frozen=True)
 class ParamCounts:
     prelude: int  # prelude blocks
-    coda: int  # coda blocks + final norm
+    coda: int  # coda blocks
+    norms: int  # norm_emb, norm_recur, final_norm (the study's "scalars": run once per token in its count)
     rec_block: int  # the looped block, counted once
     injection: int  # input-injection parameters (all recurrence steps for hyperconnect)
     embedding: int
@@ -33,7 +35,7 @@ class ParamCounts:
 
     @property
     def n_once(self) -> int:
-        return self.prelude + self.coda
+        return self.prelude + self.coda + self.norms
 
     @property
     def n_rec(self) -> int:
@@ -49,9 +51,9 @@ class ParamCounts:
 
 
 def block_params(cfg: LoopedConfig) -> int:
-    """One pre-norm block: q,k,v,o projections, ReLU^2 MLP, two RMSNorm weights, the q/k norm weights."""
+    """One pre-norm block: q,k,v,o projections, ReLU^2 MLP, two RMSNorm weights (the QK-norm has none)."""
     d, attn = cfg.d_model, cfg.n_heads * cfg.head_dim
-    return 4 * d * attn + 2 * cfg.mlp_ratio * d * d + 2 * d + 2 * cfg.head_dim
+    return 4 * d * attn + 2 * cfg.mlp_ratio * d * d + 2 * d
 
 
 def injection_params(cfg: LoopedConfig) -> int:
@@ -75,7 +77,7 @@ def injection_macs_per_token(cfg: LoopedConfig) -> int:
 def param_counts(cfg: LoopedConfig) -> ParamCounts:
     block = block_params(cfg)
     vd = cfg.vocab_size * cfg.d_model
-    return ParamCounts(prelude=cfg.n_prelude * block, coda=cfg.n_coda * block + cfg.d_model,
+    return ParamCounts(prelude=cfg.n_prelude * block, coda=cfg.n_coda * block, norms=3 * cfg.d_model,
                        rec_block=cfg.n_rec_layers * block, injection=injection_params(cfg), embedding=vd, lm_head=vd)
 
 

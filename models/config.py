@@ -22,6 +22,14 @@ def _fail(field: str, problem: str, fix: str) -> None:
     raise ValueError(f"LoopedConfig.{field}: {problem}; {fix}")
 
 
+def _layout(n_prelude: int, rec_depth: int, n_coda: int, r: int) -> dict[str, int]:
+    """Prelude, block and coda of an iso-depth family member. At r=1 every layer sits in the block, as in the
+    study's dense baseline: its norm_recur then closes the stack instead of cutting it before the coda."""
+    if r == 1:
+        return {"n_prelude": 0, "n_rec_layers": n_prelude + rec_depth + n_coda, "n_coda": 0, "r": 1}
+    return {"n_prelude": n_prelude, "n_rec_layers": rec_depth // r, "n_coda": n_coda, "r": r}
+
+
 def reference_width(size: int) -> int:
     """Width of the reference recipe for size s: d = ceil(64*s/128)*128."""
     return math.ceil(64 * size / 128) * 128
@@ -105,7 +113,8 @@ class LoopedConfig:
     @classmethod
     def reference(cls, size: int, r: int, bptt_k: int | None = None, injection: str = "concat",
                   vocab_size: int = 32064, seq_len: int = 2048, hc_lanes: int = 2, **overrides: Any) -> "LoopedConfig":
-        """Reference recipe: d = ceil(64*s/128)*128, head dim 128, depth 2 + (16/r) x r + 2; r=1 is plain (no injection)."""
+        """Reference recipe: d = ceil(64*s/128)*128, head dim 128, depth 2 + (16/r) x r + 2; r=1 is plain: 20 layers
+        in one block run once, no injection (the study's `noloop`)."""
         if not isinstance(size, int) or size < 1:
             _fail("size", f"must be a positive integer, got {size!r}", "use e.g. size=12")
         if not isinstance(r, int) or r < 1 or REFERENCE_REC_DEPTH % r:
@@ -113,7 +122,7 @@ class LoopedConfig:
                   "use r in {1, 2, 4, 8, 16}")
         d = reference_width(size)
         return cls(vocab_size=vocab_size, d_model=d, n_heads=d // REFERENCE_HEAD_DIM, head_dim=REFERENCE_HEAD_DIM,
-                   n_prelude=REFERENCE_PRELUDE, n_rec_layers=REFERENCE_REC_DEPTH // r, n_coda=REFERENCE_CODA, r=r,
+                   **_layout(REFERENCE_PRELUDE, REFERENCE_REC_DEPTH, REFERENCE_CODA, r),
                    injection="none" if r == 1 else injection, hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len,
                    **overrides)
 
@@ -121,14 +130,14 @@ class LoopedConfig:
     def tiny(cls, r: int = 1, d_model: int = 64, rec_depth: int = 8, n_prelude: int = 1, n_coda: int = 1,
              head_dim: int = 16, vocab_size: int = 1024, seq_len: int = 128, injection: str = "concat",
              bptt_k: int | None = None, hc_lanes: int = 2, **overrides: Any) -> "LoopedConfig":
-        """The reference structure at CPU size: the recurrent depth `rec_depth` is split into r passes of rec_depth/r."""
+        """The reference structure at CPU size: the recurrent depth `rec_depth` is split into r passes of rec_depth/r
+        (r=1: all n_prelude + rec_depth + n_coda layers in one block, as the reference family)."""
         if not isinstance(r, int) or r < 1 or rec_depth % r:
             _fail("r", f"recurrent depth {rec_depth} is not divisible into a block for r={r!r}",
                   f"use an r that divides {rec_depth}")
         return cls(vocab_size=vocab_size, d_model=d_model, n_heads=d_model // head_dim, head_dim=head_dim,
-                   n_prelude=n_prelude, n_rec_layers=rec_depth // r, n_coda=n_coda, r=r,
-                   injection="none" if r == 1 else injection, hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len,
-                   **overrides)
+                   **_layout(n_prelude, rec_depth, n_coda, r), injection="none" if r == 1 else injection,
+                   hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len, **overrides)
 
     def replace(self, **changes: Any) -> "LoopedConfig":
         return dataclasses.replace(self, **changes)

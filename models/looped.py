@@ -11,6 +11,11 @@ from models.config import LoopedConfig
 from models.loss import linear_cross_entropy
 
 
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free RMSNorm over the last dim (the QK-norm)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -42,17 +47,16 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, inner, bias=False)
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
-        # QK-norm keeps attention logits bounded when the same weights are applied r times.
-        self.q_norm = RMSNorm(cfg.head_dim)
-        self.k_norm = RMSNorm(cfg.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         shape = (b, t, self.n_heads, self.head_dim)
-        q = self.q_norm(self.q(x).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k(x).view(shape)).transpose(1, 2)
+        q = self.q(x).view(shape).transpose(1, 2)
+        k = self.k(x).view(shape).transpose(1, 2)
         v = self.v(x).view(shape).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # QK-norm (parameter-free, after rotary as in the study) keeps attention logits bounded when the same
+        # weights are applied r times.
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -81,7 +85,8 @@ class Block(nn.Module):
 
 
 class Injection(nn.Module):
-    """How the prelude output e enters each recurrence. `initial_state(e)` then `step(e, state, i)` -> block input."""
+    """How the prelude output e enters each recurrence: `initial_state(e)`, then per recurrence `step_input(e, state, i)`
+    -> block input and `step_output(state, s, i)` -> next state, where s is the block's normed output."""
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -118,11 +123,11 @@ class Injection(nn.Module):
                 self.beta.fill_(1.0)
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        if self.mode == "none":
-            return e
+        if self.mode in ("concat", "none"):
+            return e  # the study's inject_init_prelude / passthrough: the state starts from the prelude output
         if self.mode == "hyperconnect":
             return e.unsqueeze(0).expand(self.alpha.shape[1], *e.shape).contiguous()  # every lane starts at e
-        return torch.zeros_like(e)
+        return torch.zeros_like(e)  # additive, diagonal: the first block input is exactly (dt*B) e
 
     def step_input(self, e: torch.Tensor, state: torch.Tensor, i: int) -> torch.Tensor:
         if self.mode == "concat":
@@ -136,13 +141,13 @@ class Injection(nn.Module):
             return torch.einsum("n,n...->...", self.alpha[self._row(i)], state)
         return state
 
-    def step_output(self, state: torch.Tensor, block_in: torch.Tensor, block_out: torch.Tensor, i: int) -> torch.Tensor:
+    def step_output(self, state: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
         if self.mode != "hyperconnect":
-            return block_out
+            return s
         row = self._row(i)
-        delta = block_out - block_in  # the block's residual update, written to the lanes as in hyper-connections
+        # As the study: the mixed lanes plus beta times the block's normed output.
         mixed = torch.einsum("mn,n...->m...", self.mixing[row], state)
-        return mixed + self.beta[row].view(-1, *([1] * delta.dim())) * delta
+        return mixed + self.beta[row].view(-1, *([1] * s.dim())) * s
 
     def final_state(self, state: torch.Tensor) -> torch.Tensor:
         return state.sum(0) if self.mode == "hyperconnect" else state
@@ -157,9 +162,11 @@ class LoopedLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.norm_emb = RMSNorm(cfg.d_model)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         self.rec_block = nn.ModuleList(Block(cfg) for _ in range(cfg.n_rec_layers))
         self.injection = Injection(cfg)
+        self.norm_recur = RMSNorm(cfg.d_model)  # on the block's output, every recurrence
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.final_norm = RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -171,14 +178,18 @@ class LoopedLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        out_std = 0.02 / math.sqrt(2 * self.cfg.effective_depth)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = out_std if name.endswith((".o", ".proj")) else 0.02
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        """The study's init: block matrices uniform with std 1/sqrt(fan_in) (uniform has no outliers, and MuonH
+        needs every matrix to start with a nonzero norm), embedding N(0, 1), LM head N(0, 0.001), norms at one."""
+        for block in (*self.prelude, *self.rec_block, *self.coda):
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    bound = math.sqrt(3 / module.in_features)
+                    nn.init.uniform_(module.weight, -bound, bound)
         nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
         self.injection.reset_parameters()
 
     @property
@@ -206,7 +217,7 @@ class LoopedLM(nn.Module):
         else:
             cos, sin = self.rope_cos[:, :, :t], self.rope_sin[:, :, :t]
 
-        x = self.embed(tokens)
+        x = self.norm_emb(self.embed(tokens))
         for block in self.prelude:
             x = block(x, cos, sin)
         state = self._recur(x, r, cos, sin)
@@ -231,11 +242,10 @@ class LoopedLM(nn.Module):
             # Truncated backprop: the first r-k recurrences build no graph, so neither the block nor e
             # receives gradient through them; the last k do.
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= r - k):
-                block_in = inj.step_input(e, state, i)
-                h = block_in
+                h = inj.step_input(e, state, i)
                 for block in self.rec_block:
                     h = block(h, cos, sin)
-                state = inj.step_output(state, block_in, h, i)
+                state = inj.step_output(state, self.norm_recur(h), i)
             if track:
                 s = inj.final_state(state).detach()
                 norms.append(s.float().pow(2).mean().sqrt())

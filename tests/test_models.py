@@ -30,7 +30,7 @@ def test_accounting_equals_module_parameters(injection, size, r):
     cfg = reference_cfg(size, r, injection)
     model = meta_model(cfg)
     counts = param_counts(cfg)
-    assert counts.n_once == numel([model.prelude, model.coda, model.final_norm])
+    assert counts.n_once == numel([model.prelude, model.coda, model.norm_emb, model.norm_recur, model.final_norm])
     assert counts.n_rec == numel([model.rec_block, model.injection])
     assert counts.n_embed == numel([model.embed, model.lm_head])
     assert counts.total == sum(p.numel() for p in model.parameters())
@@ -47,9 +47,10 @@ def test_tiny_accounting_equals_module_with_sampling_and_hyperconnect():
 def test_r1_reference_is_a_plain_transformer(size):
     cfg = reference_cfg(size, 1)
     assert cfg.injection == "none" and cfg.effective_depth == 20
+    assert (cfg.n_prelude, cfg.n_rec_layers, cfg.n_coda) == (0, 20, 0)  # the study's noloop: one stack of 20
     d, v = cfg.d_model, cfg.vocab_size
-    plain_block = 12 * d * d + 2 * d + 2 * 128  # attention 4d^2, MLP 8d^2, two norms, q/k norms
-    expected = 20 * plain_block + d + 2 * v * d
+    plain_block = 12 * d * d + 2 * d  # attention 4d^2, MLP 8d^2, two norms (the QK-norm has no weights)
+    expected = 20 * plain_block + 3 * d + 2 * v * d  # + norm_emb, norm_recur, final_norm
     assert sum(p.numel() for p in meta_model(cfg).parameters()) == expected
     counts = param_counts(cfg)
     assert counts.total == expected and counts.injection == 0
@@ -57,7 +58,7 @@ def test_r1_reference_is_a_plain_transformer(size):
 
 def test_reference_width_and_depth():
     assert [LoopedConfig.reference(s, 4).d_model for s in (6, 12, 13, 34)] == [384, 768, 896, 2176]
-    for r in (1, 2, 4, 8, 16):
+    for r in (2, 4, 8, 16):  # r=1 is the plain stack of 20 (test_r1_reference_is_a_plain_transformer)
         cfg = LoopedConfig.reference(12, r)
         assert cfg.n_rec_layers * r == 16 and cfg.effective_depth == 20 and cfg.head_dim == 128
 
@@ -72,14 +73,14 @@ def test_flops_follow_reference_formula(injection, r, bptt_k):
     cfg = reference_cfg(12, r, injection, bptt_k=bptt_k)
     model = meta_model(cfg)
     k = r if bptt_k is None else bptt_k
-    n_prelude, n_coda = numel([model.prelude]), numel([model.coda, model.final_norm])
+    n_prelude, n_coda = numel([model.prelude]), numel([model.coda])  # the norms outside blocks: no FLOPs
     n_head, n_block = numel([model.lm_head]), numel([model.rec_block])
     n_inj = numel([model.injection])
     if cfg.injection == "hyperconnect":  # per-step lane arithmetic over d-wide vectors (module docstring)
         n_inj = (cfg.hc_lanes ** 2 + 2 * cfg.hc_lanes) * cfg.d_model
     d, t, n_rec = cfg.d_model, 2048, cfg.n_rec_layers
     expected = (6 * (n_prelude + n_coda + n_head) + (2 * (r - k) + 6 * k) * (n_block + n_inj)
-                + (12 * (2 + 2) + (4 * (r - k) + 12 * k) * n_rec) * d * t)
+                + (12 * (cfg.n_prelude + cfg.n_coda) + (4 * (r - k) + 12 * k) * n_rec) * d * t)
     assert flops_per_token(cfg) == pytest.approx(expected, rel=1e-12)
 
 
@@ -120,16 +121,17 @@ def test_tiny_model_overfits_a_fixed_batch():
 def _manual_truncated_loss(model: LoopedLM, x, y, r: int, k: int):
     """Independent re-implementation of the truncated loop from the model's parts (concat injection)."""
     cos, sin = model.rope_cos[:, :, : x.shape[1]], model.rope_sin[:, :, : x.shape[1]]
-    e = model.embed(x)
+    e = model.norm_emb(model.embed(x))
     for b in model.prelude:
         e = b(e, cos, sin)
-    state = torch.zeros_like(e)
+    state = e  # concat starts from the prelude output, as the study
     for i in range(r):
         if i == r - k:
             state = state.detach()  # the reference cut: no gradient flows into earlier recurrences
         h = model.injection.adapter(torch.cat((e if i >= r - k else e.detach(), state), -1))
         for b in model.rec_block:
             h = b(h, cos, sin)
+        h = model.norm_recur(h)
         state = h if i >= r - k else h.detach()
     for b in model.coda:
         state = b(state, cos, sin)
@@ -244,3 +246,54 @@ def test_compiles_as_one_graph_at_fixed_r(injection, bptt_k):
     _, loss = compiled(x, x)
     loss.backward()
     torch.testing.assert_close(loss, model(x, x)[1])
+
+
+def test_study_init_and_norms():
+    torch.manual_seed(0)
+    cfg = LoopedConfig.tiny(r=2, d_model=128, head_dim=32, vocab_size=512, seq_len=16)
+    model = LoopedLM(cfg)
+    for name, p in model.named_parameters():
+        if name.startswith(("prelude", "rec_block", "coda")) and p.ndim == 2:
+            bound = math.sqrt(3 / p.shape[1])  # uniform with std 1/sqrt(fan_in): 1/sqrt(d), 1/sqrt(4d) for mlp.proj
+            assert p.abs().max() <= bound and abs(p.std().item() * math.sqrt(p.shape[1]) - 1) < 0.05, name
+    assert abs(model.lm_head.weight.std().item() - 1e-3) < 1e-4
+    assert abs(model.embed.weight.std().item() - 1.0) < 0.02
+    for norm in (model.norm_emb, model.norm_recur, model.final_norm):
+        assert torch.equal(norm.weight, torch.ones(cfg.d_model))
+    assert len(list(model.rec_block[0].attn.parameters())) == 4  # q, k, v, o: the QK-norm has no weights
+
+
+def test_qk_norm_follows_rotary():
+    from models.looped import apply_rotary
+
+    torch.manual_seed(0)
+    cfg = LoopedConfig.tiny(r=1, d_model=64, head_dim=16, vocab_size=64, seq_len=8)
+    model = LoopedLM(cfg)
+    attn = model.rec_block[0].attn
+    x = torch.randn(2, 8, 64)
+    cos, sin = model.rope_cos[:, :, :8], model.rope_sin[:, :, :8]
+    heads = lambda w: (x @ w.T).view(2, 8, 4, 16).transpose(1, 2)  # noqa: E731
+    rms = lambda t: t / t.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+    q, k = rms(apply_rotary(heads(attn.q.weight), cos, sin)), rms(apply_rotary(heads(attn.k.weight), cos, sin))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, heads(attn.v.weight), is_causal=True)
+    torch.testing.assert_close(attn(x, cos, sin), attn.o(y.transpose(1, 2).reshape(2, 8, 64)))
+
+
+@pytest.mark.parametrize("injection", ["concat", "none"])
+def test_state_starts_from_the_prelude_output(injection):
+    cfg = LoopedConfig.tiny(r=2, injection=injection, vocab_size=64, seq_len=8)
+    model = LoopedLM(cfg)
+    e = torch.randn(1, 8, cfg.d_model)
+    assert model.injection.initial_state(e) is e
+
+
+def test_hyperconnect_writes_the_normed_block_output_to_the_lanes():
+    torch.manual_seed(0)
+    cfg = LoopedConfig.tiny(r=2, injection="hyperconnect", hc_lanes=2, vocab_size=64, seq_len=8)
+    inj = LoopedLM(cfg).injection
+    with torch.no_grad():
+        inj.mixing.add_(0.1 * torch.randn_like(inj.mixing))
+        inj.beta.add_(0.1 * torch.randn_like(inj.beta))
+    lanes, s = torch.randn(2, 1, 8, cfg.d_model), torch.randn(1, 8, cfg.d_model)
+    want = torch.einsum("mn,nbtd->mbtd", inj.mixing[1], lanes) + inj.beta[1][:, None, None, None] * s
+    torch.testing.assert_close(inj.step_output(lanes, s, 1), want)

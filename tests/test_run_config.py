@@ -107,6 +107,9 @@ def test_lr_schedule_is_warmup_free_linear_to_ten_percent():
     ({"model": {"family": "giant"}}, "model.family"),
     ({"model": {"family": "explicit", "d_model": 64, "n_heads": 3, "head_dim": 16}}, "n_heads"),
     ({"budget": {"tokens": 10}}, "budget"),
+    ({"optim": {"optimizer": "sgd"}}, "optim.optimizer"),
+    ({"optim": {"optimizer": "muonh", "weight_decay": 0.1}}, "optim.weight_decay"),
+    ({"optim": {"optimizer": "muonh", "embed_lr_mult": 10.0}}, "optim.embed_lr_mult"),
 ])
 def test_bad_config_names_the_field(change, field):
     with pytest.raises(ValueError) as info:
@@ -128,3 +131,12 @@ def test_cli_rejects_bad_config_before_ray(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data:" in proc.stderr
     assert not list(tmp_path.glob("ray")), "nothing may be written for a config that fails validation"
+
+
+def test_optimizer_defaults_follow_the_recipe():
+    adamw, muonh = OptimConfig(), OptimConfig(optimizer="muonh", lr=0.014)
+    assert (adamw.beta1, adamw.beta2, adamw.eps, adamw.grad_clip, adamw.embed_lr_mult) == (0.9, 0.95, 1e-8, 1.0, 1.0)
+    assert (muonh.beta1, muonh.beta2, muonh.eps, muonh.grad_clip, muonh.embed_lr_mult) == (0.8, 0.95, 1e-10, 0.0, None)
+    cfg = RunConfig.from_dict(_base(optim={"optimizer": "muonh", "lr": 0.014}))
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.run_id != RunConfig.from_dict(_base(optim={"lr": 0.014})).run_id

@@ -34,22 +34,43 @@ def small_spec(**changes) -> dict:
     return spec
 
 
-def test_reference_config_is_the_116_run_grid():
+STUDY_SIZES = {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
+               4.64e18: [10, 12, 14, 16, 18, 20], 1e19: [12, 16, 18, 20, 24], 2.15e19: [18, 24, 28, 34]}
+
+
+def test_reference_config_is_the_study_grid_and_recipe():
     spec = SweepSpec.from_yaml(CONFIGS / "reference.yaml")
     cells = validate(spec)
-    assert len(cells) == 116
-    budgets = Counter(c.compute for c in cells)
-    assert sorted(budgets) == [4.64e17, 1e18, 2.15e18, 4.64e18, 1e19, 2.15e19]
-    assert all(16 <= n <= 24 for n in budgets.values())  # 4-6 sizes x 4 r values
+    assert len(cells) == 116 and len({c.run_id for c in cells}) == 116
+    assert {b.compute: list(b.widths) for b in spec.budgets} == STUDY_SIZES
     assert {c.r for c in cells} == {1, 2, 4, 8}
-    assert min(c.width for c in cells) == 6 and max(c.width for c in cells) == 34
     for c in cells:
-        m = c.run.model
+        m, run = c.run.model, c.run
         assert m.n_prelude + m.r * m.n_rec_layers + m.n_coda == 20  # iso-depth
         assert m.d_model == math.ceil(64 * c.width / 128) * 128 and m.head_dim == 128
-        assert c.run.use_gpu and c.run.num_workers == 8
-    assert len({c.run_id for c in cells}) == 116
-    assert spec.lr.rule == "tuned" and spec.lr.search.pruner in ("median", "hyperband", "wilcoxon")
+        assert run.batch_tokens == 2 ** 18 and run.micro_batch == (32 if c.width < 18 else 16 if c.width < 30 else 8)
+        assert run.optim.optimizer == "muonh" and run.optim.lr == 0.014  # the run transfers it (training.recipe)
+        assert run.use_gpu and run.num_workers * run.micro_batch * run.grad_accum * 2048 == 2 ** 18
+    assert spec.lr.rule == "fixed"
+
+
+def test_reference_config_keeps_the_optuna_lr_stage_as_an_option():
+    data = yaml.safe_load((CONFIGS / "reference.yaml").read_text())
+    data["lr"] = {"rule": "tuned", "search": {"trials": 4, "low": 3e-3, "high": 6e-2, "width": 6, "r": 1}}
+    spec = SweepSpec.from_dict(data)
+    assert search_cell(spec).model.d_model == 384 and validate(spec)
+    assert {c.run.optim.lr for c in expand(spec, lr_plan(spec, best_lr=0.02))} == {0.02}
+    data["lr"]["transfer"] = {"width_exponent": 1.0}  # muonh transfers by the study's rules: no second transfer
+    with pytest.raises(ValueError, match="lr.transfer"):
+        SweepSpec.from_dict(data)
+
+
+def test_micro_batch_steps_with_width():
+    spec = SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {1: 16, 64: 8},
+                                                  "val_tokens": 2048}))
+    assert {(c.width, c.run.micro_batch, c.run.grad_accum) for c in expand(spec)} == {(32, 16, 1), (64, 8, 2)}
+    with pytest.raises(ValueError, match="recipe.micro_batch"):
+        expand(SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {48: 8}})))
 
 
 def test_laptop_config_fits_two_cores():
@@ -125,6 +146,8 @@ def test_tuned_lr_plan_uses_the_search_cell():
     ({"recipe": {"batch_tokens": 500, "micro_batch": 8}}, "batch_tokens"),
     ({"recipe": {"optim": {"lr": 1e-3}}}, "recipe.optim.lr"),
     ({"recipe": {"warmup": 10}}, "recipe.warmup"),
+    ({"recipe": {"micro_batch": {1: 0}}}, "recipe.micro_batch"),
+    ({"recipe": {"micro_batch": {}}}, "recipe.micro_batch"),
     ({"lr": {"rule": "fixed"}}, "lr.value"),
     ({"lr": {"rule": "tuned", "search": {"pruner": "random"}}}, "lr.search.pruner"),
     ({"lr": {"rule": "tuned", "search": {"low": 1e-2, "high": 1e-3}}}, "lr.search.low"),

@@ -35,35 +35,63 @@ def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
 
 SCHEDULES = ("linear", "wsd")
 
+OPTIMIZERS = ("adamw", "muonh")
+
+# Per-optimizer defaults of the fields left unset (None): AdamW as before; MuonH's AdamW half and clipping as the
+# study (betas 0.8/0.95, eps 1e-10, no clipping).
+_DEFAULTS = {
+    "adamw": {"embed_lr_mult": 1.0, "norm_lr_mult": 1.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0},
+    "muonh": {"beta1": 0.8, "beta2": 0.95, "eps": 1e-10, "grad_clip": 0.0},
+}
+
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with three parameter groups and a warmup-free schedule down to `final_lr_frac` of the peak.
+    """The optimizer recipe and a warmup-free schedule down to `final_lr_frac` of the peak.
 
     `schedule`: "linear" decays from the first step to the last (the study's); "wsd" (warmup-stable-decay without
     warmup) holds the peak and decays linearly over the last `cooldown_frac` of the steps, so cooldowns can branch
     off the stable phase at several horizons (RunConfig.horizons; Hägele et al. 2024).
 
-    `lr` is the peak LR of the weight matrices (LM head included); embeddings and norms/scalars use multiples of it
-    so that one number transfers across sizes.
+    `adamw`: one AdamW; `lr` is the peak LR of the block matrices and the LM head, embeddings and
+    norms/scalars/hyper-connection lanes use multiples of it so that one number transfers across sizes; only the
+    block matrices are decayed.
+    `muonh`: the study's recipe (training.recipe): MuonH on every 2-D block matrix, AdamW on the rest with the
+    study's LRs; `lr` is the matrix LR at the study's reference point (0.014), which the run transfers to its own
+    batch and token count by the study's rules. The multiples and weight decay do not apply.
     """
 
+    optimizer: str = "adamw"
     lr: float = 3e-3
-    embed_lr_mult: float = 1.0
-    norm_lr_mult: float = 1.0
-    weight_decay: float = 0.0  # matrices only: decaying gains or embeddings hurts small LMs
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables
+    embed_lr_mult: float | None = None  # adamw only (default 1)
+    norm_lr_mult: float | None = None  # adamw only (default 1)
+    weight_decay: float = 0.0  # adamw: block matrices only; decaying gains, lanes or the head hurts small LMs
+    beta1: float | None = None  # AdamW (muonh: its AdamW half); default 0.9 (adamw) / 0.8 (muonh)
+    beta2: float | None = None  # default 0.95
+    eps: float | None = None  # default 1e-8 (adamw) / 1e-10 (muonh)
+    grad_clip: float | None = None  # 0 disables; default 1.0 (adamw) / 0 (muonh, as the study)
     final_lr_frac: float = 0.1
     schedule: str = "linear"
     cooldown_frac: float = 0.2  # wsd: share of a horizon's steps spent decaying
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            _fail("optim.optimizer", f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muonh":
+            for name in ("embed_lr_mult", "norm_lr_mult"):
+                if getattr(self, name) is not None:
+                    _fail(f"optim.{name}", "does not apply to muonh (its AdamW groups take the study's LRs)",
+                          "drop it, or use optimizer: adamw")
+            if self.weight_decay:
+                _fail("optim.weight_decay", "muonh decays nothing (its matrices stay on their initial Frobenius "
+                      "sphere)", "drop it, or use optimizer: adamw")
+        for name, value in _DEFAULTS[self.optimizer].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: resolve the default once, at the edge
         _positive_float("optim.lr", self.lr)
-        _positive_float("optim.embed_lr_mult", self.embed_lr_mult)
-        _positive_float("optim.norm_lr_mult", self.norm_lr_mult)
+        if self.optimizer == "adamw":
+            _positive_float("optim.embed_lr_mult", self.embed_lr_mult)
+            _positive_float("optim.norm_lr_mult", self.norm_lr_mult)
         _positive_float("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive_float("optim.eps", self.eps)
         _positive_float("optim.grad_clip", self.grad_clip, allow_zero=True)
@@ -245,6 +273,9 @@ class RunConfig:
     def _checked_horizons(self) -> tuple[float, ...]:
         if self.optim.schedule != "wsd":
             _fail("horizons", "cooldown branches need the wsd schedule", "set optim: {schedule: wsd} or drop horizons")
+        if self.optim.optimizer == "muonh":
+            _fail("horizons", "muonh sets its LR from the run's token count, so a branch would not be the run trained "
+                  "to its horizon", "train each horizon as its own run, or use optimizer: adamw")
         if not isinstance(self.horizons, (list, tuple)) or not self.horizons:
             _fail("horizons", f"must be a non-empty list of budgets, got {self.horizons!r}", "e.g. horizons: [2.5e14]")
         budget = self.compute if self.compute is not None else self.tokens
@@ -445,9 +476,8 @@ def _build(cls: type, values: Any, section: str) -> Any:
     extra = sorted(set(values) - known)
     if extra:
         _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
-    numeric = {f.name for f in dataclasses.fields(cls)
-               if isinstance(_declared_default(f), (int, float)) and not isinstance(_declared_default(f), bool)}
-    values = {k: (_number(f"{section}.{k}", v) if k in numeric else v) for k, v in values.items()}
+    text = {f.name for f in dataclasses.fields(cls) if f.type == "str"}
+    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) and k not in text else v) for k, v in values.items()}
     return cls(**values)
 
 

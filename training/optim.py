@@ -7,32 +7,53 @@ import torch
 import torch.nn as nn
 
 from training.config import RunConfig
+from training.recipe import ROLES, group_settings
+
+
+def parameter_roles(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every trainable parameter by role (training.recipe.ROLES), by module type and rank rather than by name:
+    embedding tables; the LM head; 2-D weights of every other Linear (block matrices, the injection's adapter);
+    other tensors of rank >= 2 (hyper-connection lanes); the rest (norm gains, 1-D scalars)."""
+    embed = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    linear = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    head = {id(p) for p in model.lm_head.parameters()}
+    roles: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in ROLES}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embed:
+            role = "embedding"
+        elif id(p) in head:
+            role = "lm_head"
+        elif p.ndim >= 2:
+            role = "matrices" if id(p) in linear else "lanes"
+        else:
+            role = "norms_scalars"
+        roles[role].append((name, p))
+    return roles
 
 
 def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
-    """Three groups: embedding tables, weight matrices (decayed; the LM head is one), norms and scalars.
+    """The optimizer's groups, hyperparameters from training.recipe. adamw: one group per role. muonh: AdamW groups
+    flagged `use_muon: False`, and one MuonH group per block matrix carrying its initial Frobenius norm.
 
-    Grouped by module type and rank rather than by name so any model of the family is split the same way.
     Each group carries `base_lr` (its peak) so the schedule can be applied by multiplying, whatever wraps the optimizer.
     """
-    o = cfg.optim
-    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    embed, matrices, scalars = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
+    settings = group_settings(cfg)
+    groups = []
+    for role, named in parameter_roles(model).items():
+        if not named:
             continue
-        if id(p) in embed_ids:
-            embed.append(p)
-        elif p.ndim >= 2:
-            matrices.append(p)
-        else:
-            scalars.append(p)
-    groups = [
-        {"name": "embedding", "params": embed, "lr": o.lr * o.embed_lr_mult, "weight_decay": 0.0},
-        {"name": "matrices", "params": matrices, "lr": o.lr, "weight_decay": o.weight_decay},
-        {"name": "norms_scalars", "params": scalars, "lr": o.lr * o.norm_lr_mult, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+        if cfg.optim.optimizer == "muonh" and role == "matrices":
+            # One matrix per group: under ZeRO a group's partition then holds a slice of one matrix, whose norm
+            # the optimizer can complete with one all-reduce (training.muonh).
+            groups += [{"name": f"matrices:{name}", "params": [p], **settings[role], "use_muon": True,
+                        "sphere_norm": float(p.detach().float().norm())} for name, p in named]
+            continue
+        group = {"name": role, "params": [p for _, p in named], **settings[role]}
+        if cfg.optim.optimizer == "muonh":
+            group["use_muon"] = False
+        groups.append(group)
     for g in groups:
         g["base_lr"] = g["lr"]
     return groups
@@ -45,19 +66,14 @@ def apply_lr(optimizer: Any, multiplier: float) -> None:
 
 
 def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
-    """ZeRO stage, accumulation and clipping from the run; AdamW built by DeepSpeed from torch (no JIT build on CPU)."""
+    """ZeRO stage, accumulation and clipping from the run. adamw: DeepSpeed builds torch's AdamW (no JIT build on
+    CPU). muonh: the optimizer is ours (build_engine), a subclass of DeepSpeed's Muon that ZeRO is told to accept."""
     o = cfg.optim
     config: dict[str, Any] = {
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * cfg.num_workers,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": o.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            # torch_adam: DeepSpeed's FusedAdam would JIT-compile a C++/CUDA op on first use (~70 s on CPU).
-            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": True, **({"fused": True} if on_gpu else {})},
-        },
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": on_gpu},
         # Every node's local rank 0 writes the model states too, so a cooldown branch's snapshot in node-local /tmp
@@ -66,10 +82,23 @@ def deepspeed_config(cfg: RunConfig, on_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 10 ** 9,  # the loop does its own logging
         "wall_clock_breakdown": False,
     }
+    if o.optimizer == "adamw":
+        config["optimizer"] = {
+            "type": "AdamW",
+            # torch_adam: DeepSpeed's FusedAdam would JIT-compile a C++/CUDA op on first use (~70 s on CPU).
+            "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": True, **({"fused": True} if on_gpu else {})},
+        }
+    else:
+        config["zero_allow_untested_optimizer"] = True  # ZeRO lists DeepSpeed's Muon class, not subclasses
+        if on_gpu:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's bf16 Muon needs fp32 accumulation
     if cfg.zero_stage == 3:
         # Params of the recurrent block are fetched once per recurrence: keep prefetch simple and the trace
         # from being invalidated by the varying module order of recurrence sampling.
         config["zero_optimization"].update({"stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0})
+        if o.optimizer == "muonh":
+            config["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed's ZeRO-3 Muon all-reduces gradients
     return config
 
 
@@ -86,10 +115,21 @@ def _skip_shm_comm_op() -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, on_gpu: bool):
-    """Wrap `model` in a DeepSpeed engine with the run's ZeRO stage, accumulation, clipping and AdamW groups."""
+    """Wrap `model` (already on its device) in a DeepSpeed engine with the run's ZeRO stage, accumulation, clipping
+    and optimizer recipe."""
     import deepspeed
 
     _skip_shm_comm_op()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
-                                           config=deepspeed_config(cfg, on_gpu))
+    groups = param_groups(model, cfg)
+    config = deepspeed_config(cfg, on_gpu)
+    if cfg.optim.optimizer == "adamw":
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+        return engine
+    from training.muonh import MuonHWithAuxAdam
+
+    for group in groups:  # the flag DeepSpeed's ZeRO reads to orthogonalise a matrix before partitioning it
+        for p in group["params"]:
+            p.use_muon = group["use_muon"]
+    optimizer = MuonHWithAuxAdam(groups, fused_adam=on_gpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine

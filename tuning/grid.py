@@ -14,7 +14,7 @@ from typing import Any
 
 from models.config import LoopedConfig
 from training.config import RunConfig
-from tuning.spec import SweepSpec, Variant, fail
+from tuning.spec import SweepSpec, Variant, fail, micro_batch_at
 
 LR_SEARCH_VARIANT = "lr_search"
 
@@ -103,6 +103,8 @@ def run_config(spec: SweepSpec, *, compute: float, width: int, r: int, variant: 
     res = spec.resources
     where = f"cell {variant.name}/C={compute:.3g}/width={width}/r={r}"
     try:
+        if "micro_batch" in recipe:
+            recipe["micro_batch"] = micro_batch_at(recipe["micro_batch"], width)
         return RunConfig.from_dict({
             **recipe,
             "model": model_section(spec, width, r, resolve_overrides(variant, r, width)),
@@ -204,7 +206,7 @@ def trials(cells: list[Cell], done: set[str]) -> list[tuple[RunConfig, Cell]]:
     with cooldown branches at the smaller budgets (RunConfig.horizons): each branch's row carries its cell's run id.
     A cell whose largest sibling is already stored trains alone (the same trajectory as its branch would be)."""
     todo = [c for c in cells if c.run_id not in done]
-    if not todo or todo[0].run.optim.schedule != "wsd":
+    if not todo or todo[0].run.optim.schedule != "wsd" or todo[0].run.optim.optimizer == "muonh":
         return [(c.run, c) for c in todo]
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:

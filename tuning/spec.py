@@ -64,6 +64,26 @@ def _int_list(name: str, value: Any) -> tuple[int, ...]:
     return out
 
 
+def _micro_batch(value: Any) -> int | dict[int, int]:
+    """`micro_batch`: one integer, or {smallest width: micro batch} steps, e.g. {1: 32, 18: 16, 30: 8}."""
+    if not isinstance(value, Mapping):
+        return _int("recipe.micro_batch", value)
+    if not value:
+        fail("recipe.micro_batch", "is an empty mapping", "write micro_batch: 8 or {1: 32, 18: 16, 30: 8}")
+    return {_int(f"recipe.micro_batch (key {w!r})", w): _int(f"recipe.micro_batch[{w}]", mb) for w, mb in value.items()}
+
+
+def micro_batch_at(value: int | Mapping[int, int], width: int) -> int:
+    """The micro batch of a cell: the step with the largest smallest-width <= width."""
+    if not isinstance(value, Mapping):
+        return value
+    steps = [mb for w, mb in sorted(value.items()) if w <= width]
+    if not steps:
+        fail("recipe.micro_batch", f"has no step for width {width} (its smallest is {min(value)})",
+             f"add a step that starts at or below {width}")
+    return steps[-1]
+
+
 @dataclass(frozen=True)
 class Budget:
     """One compute budget (training FLOPs) and the widths run at it (reference: size s; tiny: d_model)."""
@@ -360,6 +380,16 @@ class SweepSpec:
         recipe = _mapping("recipe", d.get("recipe"), RECIPE_KEYS)
         if "optim" in recipe and isinstance(recipe["optim"], Mapping) and "lr" in recipe["optim"]:
             fail("recipe.optim.lr", "is set by the LR rule", "move it to lr: {rule: fixed, value: ...}")
+        if "micro_batch" in recipe:
+            recipe["micro_batch"] = _micro_batch(recipe["micro_batch"])
+        lr = _mapping("lr", d.get("lr", {"rule": "fixed", "value": 3e-3}))
+        if isinstance(recipe.get("optim"), Mapping) and recipe["optim"].get("optimizer") == "muonh":
+            # The recipe transfers its LRs itself (training.recipe); a second transfer would apply them twice.
+            transfer = _mapping("lr.transfer", lr.get("transfer"))
+            if any(_number(f"lr.transfer.{k}", v, positive=False) for k, v in transfer.items() if k != "reference_width"):
+                fail("lr.transfer", "does not apply to optimizer muonh, which transfers lr by the study's rules "
+                     "(batch, tokens) itself", "drop lr.transfer; lr.value is the matrix LR at the study's reference")
+            lr["transfer"] = {"width_exponent": 0.0}
         concurrency = d.get("concurrency", "auto")
         if concurrency in (None, "auto"):
             concurrency = None
@@ -367,7 +397,7 @@ class SweepSpec:
             concurrency = _int("concurrency", concurrency)
         spec = cls(name=name, storage=storage, data=data, model=ModelFamily.from_dict(d["model"]), budgets=budgets,
                    r=r_values, variants=tuple(variants), recipe=tuple(sorted(recipe.items())),
-                   lr=LRRule.from_dict(d.get("lr", {"rule": "fixed", "value": 3e-3})),
+                   lr=LRRule.from_dict(lr),
                    resources=Resources.from_dict(d.get("resources")), concurrency=concurrency,
                    fit=FitOptions.from_dict(d.get("fit")))
         search = spec.lr.search
