@@ -1,5 +1,5 @@
-"""`python -m analysis fit|query|plot|depth`: fit a law from a store or table, query a saved law, draw figures,
-and fit each looped run's test-time depth curve."""
+"""`python -m analysis fit|query|plot|depth|plan`: fit a law from a store or table, query a saved law, draw figures,
+fit each looped run's test-time depth curve, and price a sweep spec's grid before it runs."""
 
 from __future__ import annotations
 
@@ -80,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     depth.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for intervals (default 200)")
     depth.add_argument("--seed", type=int, default=0)
     depth.add_argument("--variant", help="only runs of this variant")
+
+    plan = sub.add_parser("plan", help="predict how precisely a sweep spec's grid pins phi, before it runs",
+                          description="Predicted sd and 95%% half-width of phi, alpha, beta for the spec's grid "
+                                      "(Fisher information of the law at a prior), total FLOPs, each cell's "
+                                      "information per FLOP.")
+    plan.add_argument("spec", help="sweep spec YAML (e.g. tuning/configs/reference.yaml)")
+    plan.add_argument("--noise", type=float, default=0.01, help="log-normal loss noise, sd of log loss (default 0.01)")
+    plan.add_argument("--law", default="reference", help="prior law: `reference` (published) or a law JSON")
+    plan.add_argument("--suggest", action="store_true",
+                      help="also a greedy grid with the same FLOPs (smaller interval) and one with the same interval")
+    plan.add_argument("--simulate", type=int, default=0, metavar="N",
+                      help="fit N noisy sweeps drawn from the prior with the real fitter; measured sd and coverage")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the simulated noise")
+    plan.add_argument("--jobs", type=int, default=None, help="processes for --simulate (default: all CPUs)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (every cell) instead of text")
     return parser
 
 
@@ -142,11 +157,19 @@ def _cmd_depth(a) -> str:
         text += f"\nplot: {plot_depth_curves(points, fits, a.plot)}"
     return text
 
+def _cmd_plan(a) -> dict | str:
+    from .sweep_plan import plan_spec, render
+
+    plan = plan_spec(a.spec, _load_law(a.law), a.noise, suggest=a.suggest, simulate=a.simulate, seed=a.seed,
+                     n_jobs=a.jobs)
+    return plan if a.json else render(plan)
+
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        result = {"fit": _cmd_fit, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth}[a.command](a)
+        result = {"fit": _cmd_fit, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth,
+                  "plan": _cmd_plan}[a.command](a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -118,8 +118,9 @@ def _local_fit(obj: Objective, spec: FitSpec, theta0: np.ndarray, options: dict 
 
 @one_blas_thread
 def multistart(data: FitData, spec: FitSpec, starts: np.ndarray, n_starts: int | None = DEFAULT_N_STARTS,
-               weights: np.ndarray | None = None, screen: bool = True) -> Optimum:
-    """Run L-BFGS-B from the `n_starts` grid points with the lowest objective (all when None).
+               weights: np.ndarray | None = None, screen: bool = True, always: np.ndarray | None = None) -> Optimum:
+    """Run L-BFGS-B from the `n_starts` grid points with the lowest objective (all when None), and from the
+    `always` points unscreened (a previous fit's optimum, for a refit as runs arrive).
 
     Screening the whole grid costs one vectorised evaluation; on Epoch's Chinchilla data the best
     10 screened starts already reach the optimum the exhaustive 4,500-start search finds.
@@ -132,6 +133,8 @@ def multistart(data: FitData, spec: FitSpec, starts: np.ndarray, n_starts: int |
             vals = np.array([spec.objective(data, weights)(s[spec.free_mask])[0] for s in starts])
         # Ties (symmetric grid points give equal values up to rounding) go to the earlier grid point.
         starts = starts[np.lexsort((np.arange(len(vals)), _tie_key(vals)))[:n_starts]]
+    if always is not None:
+        starts = np.concatenate([np.atleast_2d(np.asarray(always, dtype=np.float64)), starts])
     obj = spec.objective(data, weights)
     found: list[tuple[float, int, float, np.ndarray]] = []
     for i, s in enumerate(starts):

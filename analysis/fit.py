@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import engine
+from .profile import profile_phi_interval
 from .data import RunTable, load_runs
 from .intervals import DEFAULT_LEVEL, percentile_interval
 from .law import COEFFS, ScalingLaw, derived_quantities
@@ -60,7 +61,8 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
             variant: str | None = None, baseline: ScalingLaw | None = None, exclude_highest_loss: int = 0,
             delta: float = DEFAULT_DELTA, start_grid: dict[str, tuple[float, ...]] | None = None,
             n_starts: int | None = engine.DEFAULT_N_STARTS, n_jobs: int | None = None,
-            extrapolation: bool = True, level: float = DEFAULT_LEVEL) -> ScalingLaw:
+            extrapolation: bool = True, level: float = DEFAULT_LEVEL, profile: bool = True,
+            init: ScalingLaw | None = None) -> ScalingLaw:
     """Fit L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta (or the dense form) to finished runs.
 
     results: a results store (folder or pyarrow.fs URI), a .parquet/.csv file, a pyarrow.Table, a
@@ -76,6 +78,8 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
     n_starts: L-BFGS-B runs from the best-screened grid points (None = every grid point).
     n_jobs: processes for the bootstrap (default: the CPUs this process may use).
     extrapolation: compute the leave-one-budget-out extrapolation error.
+    profile: add phi's profile-likelihood interval as ci["phi_profile"] (see analysis.profile).
+    init: a law (e.g. the previous fit of a growing sweep) to start L-BFGS-B from besides the screened grid.
     """
     t0 = time.perf_counter()
     if int(bootstrap) != bootstrap or bootstrap < 0:
@@ -95,7 +99,9 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         raise ValueError(f"too few runs: {len(data)} completed run(s) for {spec.n_free} free parameters "
                          f"({kind} form); need at least {spec.n_free + 1}")
 
-    opt = engine.multistart(data, spec, engine.start_grid(spec, start_grid), n_starts=n_starts)
+    opt = engine.multistart(data, spec, engine.start_grid(spec, start_grid), n_starts=n_starts,
+                            always=None if init is None else law_to_theta(init)[None])
+    phi_profile = profile_phi_interval(data, spec, opt, level) if profile and spec.free[I_PHI] else None
     draws_theta = engine.bootstrap(data, spec, opt, int(bootstrap), seed=seed, n_jobs=n_jobs)
     loo = None
     if extrapolation and table.frame["budget"].nunique() >= 2:
@@ -117,6 +123,8 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
             if kind != "probe" or k.startswith("rec_multiplier"):
                 lo, hi = percentile_interval(v, level)
                 ci[k] = (float(lo), float(hi))
+    if phi_profile is not None:
+        ci["phi_profile"] = (float(phi_profile[0]), float(phi_profile[1]))
 
     meta = {
         "form": kind if kind != "probe" else "looped",

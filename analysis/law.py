@@ -243,6 +243,9 @@ class ScalingLaw:
                 continue
             iv = self.ci.get(k)
             lines.append(f"  {k:>6} = {v:.6g}" + (f"   95% CI [{iv[0]:.6g}, {iv[1]:.6g}]" if iv else ""))
+        if "phi_profile" in self.ci:  # beside the bootstrap percentile interval on the phi line
+            lo, hi = self.ci["phi_profile"]
+            lines.append(f"  {'':>6}   profile-likelihood 95% CI [{lo:.6g}, {hi:.6g}]")
         if self.r2 is not None:
             lines.append(f"  R^2 = {self.r2:.4f} on {self.n_runs} runs")
         if self.extrapolation_error is not None:

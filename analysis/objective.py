@@ -52,6 +52,22 @@ def huber(res: np.ndarray, delta: float) -> np.ndarray:
     return delta * (ares - 0.5 * delta) + 0.5 * inside * inside
 
 
+def huber_moments(sigma: float, delta: float) -> tuple[float, float]:
+    """E[psi'] and E[psi^2] of the Huber loss for N(0, sigma^2) residuals (psi = clip(res, -delta, delta)).
+
+    They turn the summed Huber loss into likelihood terms: the fit's asymptotic covariance is
+    E[psi^2] / E[psi']^2 * (J'J)^-1, and 2 * E[psi'] / E[psi^2] times a drop of the objective is chi^2-scaled.
+    """
+    from scipy.stats import norm
+
+    if not sigma > 0:
+        raise ValueError(f"sigma: must be > 0, got {sigma!r}; give the log-loss noise, e.g. 0.01 for 1%")
+    z = delta / sigma
+    inside = 2.0 * norm.cdf(z) - 1.0
+    psi2 = sigma ** 2 * (inside - 2.0 * z * norm.pdf(z)) + delta ** 2 * (1.0 - inside)
+    return float(inside), float(psi2)
+
+
 def log_predict(theta: np.ndarray, data: FitData) -> np.ndarray:
     """log L_hat for every run; theta may also be a (k, 6) stack giving a (k, n) result."""
     theta = np.asarray(theta, dtype=np.float64)
@@ -62,6 +78,18 @@ def log_predict(theta: np.ndarray, data: FitData) -> np.ndarray:
     t2 = b - beta * np.log(data.tokens)
     t3 = np.broadcast_to(e, np.broadcast_shapes(np.shape(t1), np.shape(t2)))
     return np.logaddexp(np.logaddexp(t1, t2), t3)
+
+
+def log_predict_jacobian(theta: np.ndarray, data) -> np.ndarray:
+    """(n, 6) derivatives of log L_hat with respect to theta at every run: what the Fisher information of a design
+    is built from. `data` needs only n_once, n_rec, r and tokens (a FitData, or design points without losses)."""
+    a, alpha, b, beta, e, phi = np.asarray(theta, dtype=np.float64)
+    rp_nrec = np.exp(phi * np.log(data.r)) * data.n_rec
+    n_eff = data.n_once + rp_nrec
+    log_n, log_d = np.log(n_eff), np.log(data.tokens)
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    p1, p2, p3 = np.exp(terms - np.logaddexp.reduce(terms, axis=0))  # each term's share of the predicted loss
+    return np.column_stack([p1, -p1 * log_n, p2, -p2 * log_d, p3, -alpha * p1 * rp_nrec * np.log(data.r) / n_eff])
 
 
 def objective_values(thetas: np.ndarray, data: FitData, delta: float = DEFAULT_DELTA) -> np.ndarray:

@@ -7,8 +7,11 @@ models.accounting; losses are the law's predictions times log-normal noise.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,6 +72,30 @@ def synthetic_sweep(law: ScalingLaw, *, budgets=REFERENCE_BUDGETS, sizes=REFEREN
                     "started_at": pd.Timestamp("2026-01-01", tz="UTC"), "finished_at": pd.Timestamp("2026-01-01", tz="UTC"),
                 })
     return pd.DataFrame(rows)
+
+
+def planted_row(law: ScalingLaw, run: Any, *, noise: float = 0.01, seed: int = 0) -> dict[str, Any]:
+    """The results-store row a training RunConfig gets if its loss is the law's prediction times log-normal noise.
+
+    The noise is seeded by the run id, so the same cell always measures the same loss: a sweep's search, stopping,
+    resume and store can be tested on real Ray Tune without training (see tests/test_adaptive_sweep.py).
+    """
+    from models.accounting import param_counts
+
+    counts = param_counts(run.model)
+    tokens, f = run.train_tokens, run.flops_per_token
+    rng = np.random.default_rng(int(hashlib.sha256(f"{seed}:{run.run_id}".encode()).hexdigest()[:12], 16))
+    loss = float(law.predict(counts.n_once, counts.n_rec, run.model.r, tokens))
+    loss *= float(np.exp(noise * rng.standard_normal()))
+    return {
+        "run_id": run.run_id, "sweep": run.sweep, "variant": run.variant, "name": run.name, "status": "completed",
+        "d_model": run.model.d_model, "size": run.size, "r": run.model.r, "n_once": counts.n_once,
+        "n_rec": counts.n_rec, "n_embed": counts.n_embed, "flops_per_token": f, "tokens": tokens,
+        "compute": f * tokens, "budget_compute": run.compute, "val_loss": loss, "train_loss": loss, "steps": run.steps,
+        "seed": run.seed, "lr": run.optim.lr, "batch_tokens": run.batch_tokens,
+        "config": json.dumps(run.to_dict(), sort_keys=True), "versions": json.dumps({"synthetic": law.coefficients}),
+        "finished_at": dt.datetime.now(dt.timezone.utc),
+    }
 
 
 def write_store(frame: pd.DataFrame, store: str | Path) -> Path:

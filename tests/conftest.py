@@ -13,3 +13,21 @@ def ray_local(request):
     cloudpickle.register_pickle_by_value(request.module)
     with ray_session("local", num_cpus=2, log_to_driver=False) as temp_dir:
         yield temp_dir
+
+
+# The study's sizes per budget (arXiv 2604.21106, shells/scaling_laws/scaling_laws.sh): 116 runs with r in {1,2,4,8}.
+STUDY_SIZES = {4.64e17: [6, 8, 10, 12], 1.0e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
+               4.64e18: [10, 12, 14, 16, 18, 20], 1.0e19: [12, 16, 18, 20, 24], 2.15e19: [18, 24, 28, 34]}
+
+
+@pytest.fixture
+def study_spec():
+    """tuning/configs/reference.yaml as a dict, with the study's exact sizes per budget (whatever the file lists)."""
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "tuning" / "configs" / "reference.yaml").read_text())
+    for budget in spec["budgets"]:
+        budget["widths"] = STUDY_SIZES[float(budget["compute"])]
+    return spec

@@ -226,6 +226,44 @@ def trials(cells: list[Cell], done: set[str]) -> list[tuple[RunConfig, Cell]]:
     return out
 
 
+def _tokens_per_param(run: RunConfig) -> float:
+    from models.accounting import param_counts
+
+    counts = param_counts(run.model)
+    return run.train_tokens / (counts.n_once + counts.n_rec)
+
+
+def candidate_cells(spec: SweepSpec, plan: LRPlan | None = None) -> list[Cell]:
+    """Baseline-variant cells a planner may pick from: the spec's budgets x widths x r, with the reference family's
+    widths filled in between (even sizes: odd ones share their neighbour's width), kept inside the range of tokens
+    per unique parameter that the spec's own grid spans, so no pick extrapolates past the designs it trusts."""
+    if plan is None:
+        plan = lr_plan(spec, best_lr=1e-3) if spec.lr.rule == "tuned" else lr_plan(spec)
+    variant = spec.baseline
+    own = [c for c in expand(spec, plan) if c.variant == variant.name]
+    ratios = [_tokens_per_param(c.run) for c in own]
+    low, high = min(ratios) * (1 - 1e-9), max(ratios) * (1 + 1e-9)
+    widths = sorted({w for b in spec.budgets for w in b.widths})
+    if spec.model.family == "reference":
+        widths = sorted(set(widths) | set(range(widths[0] + widths[0] % 2, widths[-1] + 1, 2)))
+    cells, seen = [], set()
+    for budget in spec.budgets:
+        for width in widths:
+            for r in spec.r:
+                if variant.r is not None and r not in variant.r:
+                    continue
+                try:
+                    probe = run_config(spec, compute=budget.compute, width=width, r=r, variant=variant, lr=1.0)
+                except ValueError:
+                    continue  # e.g. a budget that buys less than one batch at this width
+                run = probe.replace(optim={"lr": plan.lr_for(spec, probe)})
+                if run.run_id in seen or not low <= _tokens_per_param(run) <= high:
+                    continue
+                seen.add(run.run_id)
+                cells.append(Cell(compute=budget.compute, width=width, r=r, variant=variant.name, run=run))
+    return cells
+
+
 def validate(spec: SweepSpec) -> list[Cell]:
     """Build every cell (and the LR search cell) so any invalid combination fails before Ray starts."""
     if spec.lr.rule == "tuned":

@@ -299,6 +299,36 @@ class FitOptions:
 
 
 @dataclass(frozen=True)
+class Adaptive:
+    """An adaptive sweep instead of the full grid (tuning.adaptive): after `initial_runs` picked at the `prior` law,
+    each next run is the candidate cell that shrinks phi's variance most per FLOP at the current fit; the sweep stops
+    when phi's predicted 95% half-width at the current fit is at most target_phi_halfwidth, or when max_flops are
+    spent."""
+    target_phi_halfwidth: float
+    max_flops: float
+    initial_runs: int = 12
+    prior: str = "reference"  # `reference` (the published law) or a law JSON from `python -m analysis fit`
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Adaptive":
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        d = _mapping("adaptive", d, names)
+        for key in ("target_phi_halfwidth", "max_flops"):
+            if d.get(key) is None:
+                fail(f"adaptive.{key}", "missing", "write adaptive: {target_phi_halfwidth: 0.05, max_flops: 7.0e20}")
+        kw: dict[str, Any] = {key: _number(f"adaptive.{key}", d[key]) for key in ("target_phi_halfwidth", "max_flops")}
+        if "initial_runs" in d:
+            kw["initial_runs"] = _int("adaptive.initial_runs", d["initial_runs"], minimum=7)  # > 6 coefficients
+        if "prior" in d:
+            prior = d["prior"]
+            if not isinstance(prior, str) or not (prior == "reference" or Path(prior).expanduser().is_file()):
+                fail("adaptive.prior", f"must be `reference` or an existing law JSON file, got {prior!r}",
+                     "write prior: reference, or the path of a law.json from `python -m analysis fit`")
+            kw["prior"] = prior
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     storage: str
@@ -312,9 +342,10 @@ class SweepSpec:
     resources: Resources = field(default_factory=Resources)
     concurrency: int | None = None  # trials at once; None ("auto") = cluster resources / per-trial resources
     fit: FitOptions = field(default_factory=FitOptions)
+    adaptive: Adaptive | None = None  # None: run the whole grid
 
     TOP = ("name", "storage", "data", "model", "budgets", "r", "variants", "recipe", "lr", "resources",
-           "concurrency", "fit")
+           "concurrency", "fit", "adaptive")
 
     @property
     def recipe_dict(self) -> dict[str, Any]:
@@ -399,7 +430,16 @@ class SweepSpec:
                    r=r_values, variants=tuple(variants), recipe=tuple(sorted(recipe.items())),
                    lr=LRRule.from_dict(lr),
                    resources=Resources.from_dict(d.get("resources")), concurrency=concurrency,
-                   fit=FitOptions.from_dict(d.get("fit")))
+                   fit=FitOptions.from_dict(d.get("fit")),
+                   adaptive=None if d.get("adaptive") is None else Adaptive.from_dict(d["adaptive"]))
+        if spec.adaptive is not None:
+            if len(variants) > 1:
+                names = [v.name for v in variants]
+                fail("adaptive", f"plans the baseline law alone, but the spec has variants {names}",
+                     "drop the other variants, or run them as a grid in a second spec")
+            if len(r_values) < 2:
+                fail("r", f"an adaptive sweep pins phi, which needs two r values or more, got {list(r_values)}",
+                     "write r: [1, 2, 4, 8]")
         search = spec.lr.search
         if search is not None:
             if search.budget is not None and not any(math.isclose(search.budget, c, rel_tol=1e-9) for c in computes):

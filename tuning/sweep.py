@@ -77,12 +77,13 @@ def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list, stop: Any) ->
                           failure_config=tune.FailureConfig(max_failures=0))  # Train retries inside the trial
 
 
-def _trainable(spec: SweepSpec):
+def _trainable(spec: SweepSpec, fn=None):
+    """`fn` (default tuning.trainable.run_cell) trains one cell from the trial config {"cell": cell_payload(...)}."""
     from ray import tune
 
     from tuning.trainable import run_cell
 
-    return tune.with_resources(run_cell, {"CPU": spec.resources.trial_cpus})
+    return tune.with_resources(fn or run_cell, {"CPU": spec.resources.trial_cpus})
 
 
 def _dirname(trial: Any) -> str:
@@ -212,8 +213,8 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
     return copied
 
 
-def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: Interrupt | None = None
-               ) -> dict[str, int]:
+def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: Interrupt | None = None,
+               trainable=None) -> dict[str, int]:
     """Train every cell not yet in the store; returns the cells' counts by stored status ("missing": no row).
     Raises SweepInterrupted when `interrupt` fires."""
     from ray import tune
@@ -234,7 +235,7 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: In
     if todo:
         progress = Progress("grid", total=len(cells), skipped=skipped, out=out)
         tuner = tune.Tuner(
-            _trainable(spec),
+            _trainable(spec, trainable),
             param_space={"cell": tune.grid_search([cell_payload(run, r=c.r, label=c.label) for run, c in runs])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(spec), trial_dirname_creator=_dirname),
             run_config=_tune_run_config(spec, "grid", [progress], InterruptStopper(interrupt)),
@@ -330,9 +331,11 @@ def _upload(folder: Path, uri: str) -> None:
 
 # ---- driver --------------------------------------------------------------------------------------------------------
 def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, fit_partial: bool = False,
-              worker_logs: bool = False, out=sys.stdout) -> dict[str, Any]:
-    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth}. On SIGINT / SIGTERM
-    it prints how far it got and raises SweepInterrupted, after fitting the partial grid only if `fit_partial`."""
+              worker_logs: bool = False, out=sys.stdout, trainable=None) -> dict[str, Any]:
+    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth} (and `adaptive`, the
+    stop report of an adaptive sweep). On SIGINT / SIGTERM it prints how far it got and raises SweepInterrupted,
+    after fitting the partial grid only if `fit_partial`. `trainable` replaces the cell trainable (tests: a planted
+    law instead of training)."""
     spec = absolute_storage(spec)
     cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
     print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
@@ -345,7 +348,12 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
                 print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
                       f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
             cells = expand(spec, plan)
-            counts = grid_stage(spec, cells, out, interrupt)
+            if spec.adaptive is not None:
+                from tuning.adaptive import adaptive_stage
+
+                counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable)
+            else:
+                counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable), None
     except SweepInterrupted as exc:
         print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
         if fit_partial:
@@ -354,7 +362,8 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
     print(f"grid result: {counts}", file=out, flush=True)
     law = fit_stage(spec, out) if fit else None
     depth = depth_stage(spec, out) if fit else []
-    return {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth}
+    result = {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth}
+    return result if adaptive is None else {**result, "adaptive": adaptive}
 
 
 def main(argv: list[str] | None = None) -> int:
