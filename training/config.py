@@ -160,6 +160,8 @@ def _identity(obj: Any, names: Iterable[str]) -> dict[str, Any]:
     out = {}
     for name in names:
         value, default = _plain(getattr(obj, name)), _declared_default(fields[name])
+        if default is None and isinstance(obj, OptimConfig):  # resolved per optimizer: that value is the default
+            default = _DEFAULTS[obj.optimizer].get(name, default)
         if default is dataclasses.MISSING or value != _plain(default):  # compared as plain data: a nested
             out[name] = value  # config of a newer class, or 10**12 for 1e12, is still the default
     return out

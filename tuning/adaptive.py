@@ -25,6 +25,7 @@ from ray.tune.search import Searcher
 
 from tuning.grid import Cell, LRPlan, candidate_cells
 from tuning.spec import SweepSpec
+from tuning.tune_setup import METRIC, _dirname, _trainable, _tune_run_config, concurrency, stored_status
 
 TARGET = "target"
 BUDGET = "max_flops"
@@ -195,7 +196,6 @@ def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None
 
     from tuning.interrupt import InterruptStopper
     from tuning.progress import Progress
-    from tuning.sweep import METRIC, _dirname, _trainable, _tune_run_config, concurrency, stored_status
 
     cells = candidate_cells(spec, plan)
     planner = AdaptivePlanner.from_store(spec, cells)

@@ -15,8 +15,6 @@ once; see tuning.interrupt). Attaches to RAY_ADDRESS when set, else starts a pri
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import logging
 import math
 import os
 import shutil
@@ -34,9 +32,10 @@ from training.ray_session import ray_session  # noqa: E402
 from tuning.interrupt import Interrupt, InterruptStopper, SweepInterrupted  # noqa: E402
 from tuning.grid import Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, validate  # noqa: E402
 from tuning.spec import SweepSpec  # noqa: E402
+from tuning.tune_setup import (METRIC, _dirname, _trainable, _tune_run_config, concurrency,  # noqa: E402
+                               stored_status)
 
 DEFAULT_CONFIG = REPO / "tuning" / "configs" / "laptop.yaml"
-METRIC = "val_loss"
 
 
 def absolute_storage(spec: SweepSpec) -> SweepSpec:
@@ -47,49 +46,6 @@ def absolute_storage(spec: SweepSpec) -> SweepSpec:
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
-def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
-    """Trials at once = what the cluster fits (each trial holds its trainable plus its Train workers), unless the
-    spec fixes it (e.g. an autoscaling cluster that grows on demand)."""
-    import ray
-
-    explicit = explicit or spec.concurrency
-    if explicit:
-        return explicit
-    need = spec.resources.per_trial
-    have = ray.cluster_resources()
-    fits = min(math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
-    if fits < 1:
-        raise ValueError(f"resources: one trial needs {need} but the cluster has "
-                         f"{ {k: have.get(k, 0.0) for k in need} }; lower resources.num_workers / cpus_per_worker, "
-                         "or set concurrency: N if the cluster autoscales")
-    return fits
-
-
-def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list, stop: Any) -> Any:
-    from ray import tune
-
-    # The sweep reads its results store, never Tune's ResultGrid, whose warnings about trials stopped before their
-    # first report (an interrupt's: "Failed to fetch metrics ... FileNotFoundError") would only alarm.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return tune.RunConfig(name=f"{stage}-{stamp}", storage_path=f"{spec.storage.rstrip('/')}/tune",
-                          callbacks=callbacks, verbose=0, stop=stop,
-                          failure_config=tune.FailureConfig(max_failures=0))  # Train retries inside the trial
-
-
-def _trainable(spec: SweepSpec, fn=None):
-    """`fn` (default tuning.trainable.run_cell) trains one cell from the trial config {"cell": cell_payload(...)}."""
-    from ray import tune
-
-    from tuning.trainable import run_cell
-
-    return tune.with_resources(fn or run_cell, {"CPU": spec.resources.trial_cpus})
-
-
-def _dirname(trial: Any) -> str:
-    return f"{trial.trainable_name}_{trial.trial_id}"
-
-
 # ---- stage 1: LR search ---------------------------------------------------------------------------------------------
 def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None) -> float:
     """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR.
@@ -167,14 +123,6 @@ def summary_of_study(study: Any, out=sys.stdout) -> None:
 
 
 # ---- stage 2: the grid ---------------------------------------------------------------------------------------------
-def stored_status(store: str) -> dict[str, str]:
-    """run_id -> status of every row in the store (failed runs are retried, so callers skip only the others)."""
-    from training import results_store
-
-    table = results_store.read_runs(store)
-    return dict(zip(table.column("run_id").to_pylist(), table.column("status").to_pylist()))
-
-
 def report_quarantined(store: str, out=sys.stdout) -> None:
     """Name the run files the store reader moved aside: their cells have no row, so the grid trains them again."""
     from training import results_store
