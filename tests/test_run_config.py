@@ -140,3 +140,8 @@ def test_optimizer_defaults_follow_the_recipe():
     cfg = RunConfig.from_dict(_base(optim={"optimizer": "muonh", "lr": 0.014}))
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.run_id != RunConfig.from_dict(_base(optim={"lr": 0.014})).run_id
+    # A recipe's own defaults do not count in the run id, written out or not.
+    spelled = _base(optim={"optimizer": "muonh", "lr": 0.014, "beta1": 0.8, "eps": 1e-10, "grad_clip": 0.0})
+    assert RunConfig.from_dict(spelled).run_id == cfg.run_id
+    plain = RunConfig.from_dict(_base(optim={"lr": 0.014}))
+    assert RunConfig.from_dict(_base(optim={"lr": 0.014, "beta1": 0.9, "grad_clip": 1.0})).run_id == plain.run_id
