@@ -130,6 +130,11 @@ class Trainer:
         if self.compiled:
             compile_model(model, sampled_r=cfg.model.sample_r_mean is not None)
         self.engine = build_engine(model, cfg, self.on_gpu)
+        if cfg.zero_stage == 3:
+            import deepspeed
+
+            # The lean loss reads lm_head.weight outside lm_head's own forward: ZeRO-3 must gather it for the model's.
+            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         self.loader = TokenLoader(data_dir, "train", cfg.model.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed)
         self.batches = None  # the prefetcher, started once the loader position is final (after a restore)
         self.val_batches = validation_batches(data_dir, cfg.model.seq_len, cfg.micro_batch,
@@ -197,7 +202,10 @@ class Trainer:
         module.track_state_norms, training = True, module.training
         module.eval()
         x, y = self.val_batches[0]
-        type(module).forward(module, x.to(self.device), y.to(self.device))  # the class's, uncompiled
+        # Uncompiled: the class's forward when the compiled one is installed (no ZeRO-3 then), else the module call,
+        # whose hooks let ZeRO-3 gather the parameters.
+        forward = (lambda *a: type(module).forward(module, *a)) if self.compiled else module
+        forward(x.to(self.device), y.to(self.device))
         module.track_state_norms = False
         module.train(training)
         return module.last_state_norms
