@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from models.accounting import flops_per_token
+from models.accounting import flops_per_token, tokens_for_compute
 from models.config import LoopedConfig
 from models.validate import fail, integer, number
 
@@ -291,7 +291,7 @@ class RunConfig:
 
     @property
     def target_tokens(self) -> float:
-        return float(self.tokens) if self.tokens is not None else self.compute / self.flops_per_token
+        return float(self.tokens) if self.tokens is not None else tokens_for_compute(self.model, self.compute)
 
     @property
     def steps(self) -> int:
@@ -318,10 +318,6 @@ class RunConfig:
     def horizon_steps(self) -> list[int]:
         """Steps at which each cooldown branch ends, then the run's own last step."""
         return [self.branch_config(h).steps for h in (self.horizons or ())] + [self.steps]
-
-    @property
-    def train_tokens(self) -> int:
-        return self.steps * self.batch_tokens
 
     @property
     def run_id(self) -> str:
