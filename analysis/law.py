@@ -59,7 +59,7 @@ def _check_query(**values) -> None:
         bad = ~(np.isfinite(x) & ((x >= lo) if inclusive else (x > lo)))
         if bad.any():
             want = f"{'>=' if inclusive else '>'} {lo:g}"
-            fail(name, f"must be finite and {want}, got {x[bad].flat[0]!r}", f"give a count {want}")
+            fail(name, f"must be finite and {want}, got {float(x[bad].flat[0]):g}", f"give a count {want}")
     if "n_once" in values and np.any(np.asarray(values["n_once"], float) + np.asarray(values["n_rec"], float) <= 0):
         fail("n_once", "n_once + n_rec must be > 0 (a model has parameters)", "give at least one positive count")
 
