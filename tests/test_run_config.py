@@ -40,7 +40,7 @@ def test_reference_family_and_compute_budget():
     assert cfg.size == 12 and cfg.model.d_model == 768 and cfg.model.n_rec_layers == 4
     f = flops_per_token(cfg.model)
     assert cfg.flops_per_token == f
-    assert cfg.steps == round(1e13 / (f * 1024))
+    assert cfg.steps == round(1e13 / (f * 1024)) and cfg.train_tokens == cfg.steps * 1024
 
 
 def test_run_id_ignores_labels_and_storage_but_not_training():

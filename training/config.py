@@ -299,6 +299,11 @@ class RunConfig:
         return int(round(self.target_tokens / self.batch_tokens))
 
     @property
+    def train_tokens(self) -> int:
+        """Tokens the run trains on: whole steps of batch_tokens (the budget, rounded)."""
+        return self.steps * self.batch_tokens
+
+    @property
     def depths(self) -> tuple[int, ...]:
         """The r values the finished model is evaluated at: none for r = 1 (nothing recurs), else `eval_depths`
         (default 1..2r) with the trained r always among them, so the depth table meets the final loss."""
