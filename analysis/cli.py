@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--ci", action="store_true", help="add the bootstrap 95%% interval")
 
     design_args(qsub.add_parser("predict", help="predicted loss (nats)"), tokens=True)
-    design_args(qsub.add_parser("effective", help="effective parameters N_once + r^phi*N_rec"), tokens=False)
-    design_args(qsub.add_parser("dense-equivalent", help="unique parameters of the equal-loss r=1 model"), tokens=False)
+    design_args(qsub.add_parser("effective", aliases=["dense-equivalent"], help="effective parameters N_once + "
+                                "r^phi*N_rec, which is also the size of the equal-loss plain (r=1) model"), tokens=False)
     opt = qsub.add_parser("optimal", help="budget-optimal r, width and tokens for a FLOP budget")
     opt.add_argument("--compute", type=float, required=True, help="training FLOP budget C")
     opt.add_argument("--r-values", default="1,2,4,8", help="comma-separated r to consider (default 1,2,4,8)")
@@ -130,10 +130,8 @@ def _cmd_query(a) -> dict:
     args = (a.n_once, a.n_rec, a.r)
     if a.query == "predict":
         value = law.predict(*args, a.tokens, ci=a.ci)
-    elif a.query == "effective":
+    else:  # effective, or its alias dense-equivalent
         value = law.effective_params(*args, ci=a.ci)
-    else:
-        value = law.dense_equivalent(*args, ci=a.ci)
     return {"query": a.query, **_estimate_json(value)}
 
 

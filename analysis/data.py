@@ -127,7 +127,7 @@ def _run_labels(df: pd.DataFrame) -> pd.Series:
 
 def _check_values(df: pd.DataFrame) -> None:
     rules = {
-        "n_once": (lambda x: x > 0, "> 0"),
+        "n_once": (lambda x: x >= 0, ">= 0"),  # 0: a model given as all-recurrent
         "n_rec": (lambda x: x >= 0, ">= 0"),
         "r": (lambda x: x >= 1, ">= 1"),
         "tokens": (lambda x: x > 0, "> 0"),
@@ -141,6 +141,9 @@ def _check_values(df: pd.DataFrame) -> None:
             shown = ", ".join(f"{run}={v!r}" for run, v in zip(df.loc[bad, "run"].head(10), df.loc[bad, col].head(10)))
             more = f" (and {int(bad.sum()) - 10} more)" if bad.sum() > 10 else ""
             problems.append(f"{col} must be finite and {want}: {shown}{more}")
+    empty = pd.to_numeric(df["n_once"], errors="coerce") + pd.to_numeric(df["n_rec"], errors="coerce") <= 0
+    if empty.any():
+        problems.append(f"n_once + n_rec must be > 0: {', '.join(df.loc[empty, 'run'].head(10))}")
     if problems:
         raise ValueError("invalid values in completed runs; fix or drop these rows: " + "; ".join(problems))
 

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from models.validate import fail
+
 from .intervals import DEFAULT_LEVEL, percentile_interval
 from .optimal import OptimalDesign, optimal_design
 
@@ -44,6 +46,22 @@ def derived_quantities(coeffs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for k in REC_MULTIPLIER_R:
             out[f"rec_multiplier_r{k}"] = np.power(float(k), np.asarray(phi, float))
     return out
+
+
+# Query inputs: (lower bound, bound allowed). n_once = 0 is a model given as all-recurrent (or a dense table).
+_QUERY_BOUNDS = {"n_once": (0.0, True), "n_rec": (0.0, True), "r": (1.0, True), "tokens": (0.0, False)}
+
+
+def _check_query(**values) -> None:
+    for name, value in values.items():
+        lo, inclusive = _QUERY_BOUNDS[name]
+        x = np.asarray(value, dtype=float)
+        bad = ~(np.isfinite(x) & ((x >= lo) if inclusive else (x > lo)))
+        if bad.any():
+            want = f"{'>=' if inclusive else '>'} {lo:g}"
+            fail(name, f"must be finite and {want}, got {float(x[bad].flat[0]):g}", f"give a count {want}")
+    if "n_once" in values and np.any(np.asarray(values["n_once"], float) + np.asarray(values["n_rec"], float) <= 0):
+        fail("n_once", "n_once + n_rec must be > 0 (a model has parameters)", "give at least one positive count")
 
 
 def _scalar(x):
@@ -155,17 +173,16 @@ class ScalingLaw:
         return Estimate(value, _scalar(lo), _scalar(hi))
 
     def effective_params(self, n_once, n_rec, r, *, ci: bool = False, level: float = DEFAULT_LEVEL):
-        """N_once + r^phi * N_rec (the dense form counts every unique parameter once: N_once + N_rec)."""
+        """N_once + r^phi * N_rec (the dense form counts every unique parameter once: N_once + N_rec).
+
+        Read as a size, it is the unique parameters of the plain (r=1) model with the same loss at the same
+        tokens, since N enters the law only through N_eff: `dense_equivalent` is this method under that name.
+        E.g. the reference law makes a 410M looped model (N_once:N_rec = 4.27:4 blocks, r=4) worth a ~586M dense one.
+        """
+        _check_query(n_once=n_once, n_rec=n_rec, r=r)
         return self._with_interval(lambda c, a, b, rr: self._eff(a, b, rr, c["phi"]), (n_once, n_rec, r), ci, level)
 
-    def dense_equivalent(self, n_once, n_rec, r, *, ci: bool = False, level: float = DEFAULT_LEVEL):
-        """Unique parameters of a plain (r=1) model with the same loss at the same tokens.
-
-        Under this law that is exactly the effective parameter count N_once + r^phi * N_rec, since
-        N enters only through N_eff; e.g. the reference law makes a 410M looped model
-        (N_once:N_rec = 4.27:4 blocks, r=4) worth a ~586M dense one.
-        """
-        return self.effective_params(n_once, n_rec, r, ci=ci, level=level)
+    dense_equivalent = effective_params  # the same number, read as the equal-loss plain model's size
 
     @classmethod
     def _loss(cls, c, n_once, n_rec, r, tokens):
@@ -174,10 +191,12 @@ class ScalingLaw:
 
     def predict(self, n_once, n_rec, r, tokens, *, ci: bool = False, level: float = DEFAULT_LEVEL):
         """Predicted loss (nats) for models with these parameter counts, recurrences and training tokens."""
+        _check_query(n_once=n_once, n_rec=n_rec, r=r, tokens=tokens)
         return self._with_interval(self._loss, (n_once, n_rec, r, tokens), ci, level)
 
     def predict_draws(self, n_once, n_rec, r, tokens) -> np.ndarray | None:
         """Predicted loss under every bootstrap draw, shape (n_draws, *query shape); None without draws."""
+        _check_query(n_once=n_once, n_rec=n_rec, r=r, tokens=tokens)
         return self._per_draw(self._loss, (n_once, n_rec, r, tokens))
 
     def derived(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import huber  # 0.5*x^2 inside [-delta, delta], delta*(|x| - delta/2) outside
 
 PARAM_NAMES: tuple[str, ...] = ("a", "alpha", "b", "beta", "e", "phi")
 N_PARAMS = len(PARAM_NAMES)
@@ -43,13 +44,6 @@ class FitData:
 
     def subset(self, index) -> "FitData":
         return FitData(self.n_once[index], self.n_rec[index], self.r[index], self.tokens[index], self.loss[index])
-
-
-def huber(res: np.ndarray, delta: float) -> np.ndarray:
-    """0.5*x^2 inside [-delta, delta], delta*(|x| - delta/2) outside (same as scipy.special.huber)."""
-    ares = np.abs(res)
-    inside = np.maximum(delta - ares, 0.0)
-    return delta * (ares - 0.5 * delta) + 0.5 * inside * inside
 
 
 def huber_moments(sigma: float, delta: float) -> tuple[float, float]:
@@ -98,7 +92,7 @@ def objective_values(thetas: np.ndarray, data: FitData, delta: float = DEFAULT_D
     y = np.log(data.loss)
     # Chunked so a large grid over many runs never builds a multi-GB (starts x runs) temporary.
     step = max(1, 2_000_000 // max(1, len(y)))
-    out = np.concatenate([huber(log_predict(thetas[i:i + step], data) - y, delta).sum(axis=-1)
+    out = np.concatenate([huber(delta, log_predict(thetas[i:i + step], data) - y).sum(axis=-1)
                           for i in range(0, len(thetas), step)])
     return np.where(np.isfinite(out), out, np.inf)
 
@@ -151,7 +145,7 @@ class Objective:
         e3 = np.exp(e - m)
         s = e1 + e2 + e3
         res = m + np.log(s) - self.y
-        f = float(self.w @ huber(res, self.delta))
+        f = float(self.w @ huber(self.delta, res))
         # d huber / d res = clip(res, -delta, delta); d LSE / d term_i = softmax weight p_i.
         g = self.w * np.clip(res, -self.delta, self.delta) / s
         g1 = g * e1

@@ -56,12 +56,13 @@ class DesignPoints:
     def from_runs(cls, runs: Iterable[Any], labels: Iterable[str] = ()) -> "DesignPoints":
         """From training RunConfigs: models.accounting's exact N_once, N_rec and F; D the tokens training runs
         (C / F rounded to whole batches, as the results store records them)."""
-        from models.accounting import flops_per_token, param_counts
+        from models.accounting import param_counts, training_compute
 
         rows = []
         for run in runs:
-            counts, f = param_counts(run.model), flops_per_token(run.model)
-            rows.append((counts.n_once, counts.n_rec, run.model.r, run.train_tokens, f * run.train_tokens))
+            counts = param_counts(run.model)
+            rows.append((counts.n_once, counts.n_rec, run.model.r, run.train_tokens,
+                         training_compute(run.model, run.train_tokens)))
         return cls.from_arrays(*np.array(rows, dtype=np.float64).reshape(-1, 5).T, labels=labels)
 
     def __len__(self) -> int:

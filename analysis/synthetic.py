@@ -44,7 +44,7 @@ def synthetic_sweep(law: ScalingLaw, *, budgets=REFERENCE_BUDGETS, sizes=REFEREN
     new seed); a 1%-noise sweep pins phi to about +-0.03 only with several hundred runs.
     """
     from models import LoopedConfig
-    from models.accounting import flops_per_token, param_counts
+    from models.accounting import flops_per_token, param_counts, training_compute
 
     if len(sizes) != len(budgets):
         raise ValueError(f"sizes needs one tuple per budget ({len(budgets)}), got {len(sizes)}")
@@ -66,7 +66,7 @@ def synthetic_sweep(law: ScalingLaw, *, budgets=REFERENCE_BUDGETS, sizes=REFEREN
                     "d_model": cfg.d_model, "size": s, "n_prelude": cfg.n_prelude, "n_rec_layers": cfg.n_rec_layers,
                     "n_coda": cfg.n_coda, "r": r, "bptt_k": cfg.backprop_recurrences, "injection": cfg.injection,
                     "n_once": pc.n_once, "n_rec": pc.n_rec, "n_embed": pc.n_embed, "flops_per_token": f,
-                    "tokens": tokens, "compute": f * tokens, "val_loss": loss, "train_loss": loss, "steps": steps,
+                    "tokens": tokens, "compute": training_compute(cfg, tokens), "val_loss": loss, "train_loss": loss, "steps": steps,
                     "wall_seconds": 0.0, "tokens_per_second": 0.0, "mfu": 0.0, "seed": seed, "lr": 3e-3,
                     "versions": json.dumps({"synthetic": law.coefficients}),
                     "started_at": pd.Timestamp("2026-01-01", tz="UTC"), "finished_at": pd.Timestamp("2026-01-01", tz="UTC"),
@@ -80,7 +80,7 @@ def planted_row(law: ScalingLaw, run: Any, *, noise: float = 0.01, seed: int = 0
     The noise is seeded by the run id, so the same cell always measures the same loss: a sweep's search, stopping,
     resume and store can be tested on real Ray Tune without training (see tests/test_adaptive_sweep.py).
     """
-    from models.accounting import param_counts
+    from models.accounting import param_counts, training_compute
 
     counts = param_counts(run.model)
     tokens, f = run.train_tokens, run.flops_per_token
@@ -91,7 +91,7 @@ def planted_row(law: ScalingLaw, run: Any, *, noise: float = 0.01, seed: int = 0
         "run_id": run.run_id, "sweep": run.sweep, "variant": run.variant, "name": run.name, "status": "completed",
         "d_model": run.model.d_model, "size": run.size, "r": run.model.r, "n_once": counts.n_once,
         "n_rec": counts.n_rec, "n_embed": counts.n_embed, "flops_per_token": f, "tokens": tokens,
-        "compute": f * tokens, "budget_compute": run.compute, "val_loss": loss, "train_loss": loss, "steps": run.steps,
+        "compute": training_compute(run.model, tokens), "budget_compute": run.compute, "val_loss": loss, "train_loss": loss, "steps": run.steps,
         "seed": run.seed, "lr": run.optim.lr, "batch_tokens": run.batch_tokens,
         "config": json.dumps(run.to_dict(), sort_keys=True), "versions": json.dumps({"synthetic": law.coefficients}),
         "finished_at": dt.datetime.now(dt.timezone.utc),

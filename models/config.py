@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from models.validate import fail, integer
+
 INJECTIONS = ("concat", "additive", "none", "diagonal", "hyperconnect")
 
 # Reference recipe of arXiv 2604.21106: effective depth 2 + 16 + 2, head dim 128.
@@ -16,10 +18,6 @@ REFERENCE_PRELUDE = 2
 REFERENCE_REC_DEPTH = 16
 REFERENCE_CODA = 2
 REFERENCE_HEAD_DIM = 128
-
-
-def _fail(field: str, problem: str, fix: str) -> None:
-    raise ValueError(f"LoopedConfig.{field}: {problem}; {fix}")
 
 
 def _layout(n_prelude: int, rec_depth: int, n_coda: int, r: int) -> dict[str, int]:
@@ -60,39 +58,35 @@ class LoopedConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "head_dim", "n_rec_layers", "r", "seq_len", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                _fail(name, f"must be a positive integer, got {value!r}", "set it to an integer >= 1")
+            integer(f"LoopedConfig.{name}", getattr(self, name))
         for name in ("n_prelude", "n_coda"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                _fail(name, f"must be a non-negative integer, got {value!r}", "set it to an integer >= 0")
+            integer(f"LoopedConfig.{name}", getattr(self, name), minimum=0)
         if self.n_heads * self.head_dim != self.d_model:
-            _fail("n_heads", f"n_heads*head_dim = {self.n_heads}*{self.head_dim} != d_model = {self.d_model}",
-                  "choose n_heads = d_model // head_dim")
+            fail("LoopedConfig.n_heads", f"n_heads*head_dim = {self.n_heads}*{self.head_dim} != d_model = {self.d_model}",
+                 "choose n_heads = d_model // head_dim")
         if self.head_dim % 2:
-            _fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}", "use an even head_dim")
+            fail("LoopedConfig.head_dim", f"must be even for rotary embeddings, got {self.head_dim}", "use an even head_dim")
         if self.injection not in INJECTIONS:
-            _fail("injection", f"unknown mode {self.injection!r}", f"use one of {', '.join(INJECTIONS)}")
+            fail("LoopedConfig.injection", f"unknown mode {self.injection!r}", f"use one of {', '.join(INJECTIONS)}")
         if self.injection == "hyperconnect" and (not isinstance(self.hc_lanes, int) or self.hc_lanes < 1):
-            _fail("hc_lanes", f"must be an integer >= 1, got {self.hc_lanes!r}", "use e.g. hc_lanes=2")
+            fail("LoopedConfig.hc_lanes", f"must be an integer >= 1, got {self.hc_lanes!r}", "use e.g. hc_lanes=2")
         if self.bptt_k is not None:
             if not isinstance(self.bptt_k, int) or isinstance(self.bptt_k, bool) or self.bptt_k < 1:
-                _fail("bptt_k", f"must be None or an integer >= 1, got {self.bptt_k!r}", "use None for full backprop")
+                fail("LoopedConfig.bptt_k", f"must be None or an integer >= 1, got {self.bptt_k!r}", "use None for full backprop")
             if self.bptt_k > self.r:
-                _fail("bptt_k", f"{self.bptt_k} exceeds r = {self.r}", "use bptt_k <= r (or None for full backprop)")
+                fail("LoopedConfig.bptt_k", f"{self.bptt_k} exceeds r = {self.r}", "use bptt_k <= r (or None for full backprop)")
             if self.injection == "hyperconnect":
-                _fail("bptt_k", "truncated backprop with hyperconnect is refused (as in the reference study)",
-                      "set bptt_k=None or use another injection")
+                fail("LoopedConfig.bptt_k", "truncated backprop with hyperconnect is refused (as in the reference study)",
+                     "set bptt_k=None or use another injection")
         if not (isinstance(self.softcap, (int, float)) and self.softcap >= 0):
-            _fail("softcap", f"must be >= 0 (0 disables), got {self.softcap!r}", "use e.g. 15.0")
+            fail("LoopedConfig.softcap", f"must be >= 0 (0 disables), got {self.softcap!r}", "use e.g. 15.0")
         if self.sample_r_mean is not None:
             if not self.sample_r_mean > 0:
-                _fail("sample_r_mean", f"must be > 0, got {self.sample_r_mean!r}", "use None to disable sampling")
+                fail("LoopedConfig.sample_r_mean", f"must be > 0, got {self.sample_r_mean!r}", "use None to disable sampling")
             if self.sample_r_max is None or self.sample_r_max < 1:
-                _fail("sample_r_max", "must be an integer >= 1 when sample_r_mean is set", "cap it, e.g. 2*r")
+                fail("LoopedConfig.sample_r_max", "must be an integer >= 1 when sample_r_mean is set", "cap it, e.g. 2*r")
             if not self.sample_r_sigma > 0:
-                _fail("sample_r_sigma", f"must be > 0, got {self.sample_r_sigma!r}", "use e.g. 0.5")
+                fail("LoopedConfig.sample_r_sigma", f"must be > 0, got {self.sample_r_sigma!r}", "use e.g. 0.5")
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
@@ -116,10 +110,10 @@ class LoopedConfig:
         """Reference recipe: d = ceil(64*s/128)*128, head dim 128, depth 2 + (16/r) x r + 2; r=1 is plain: 20 layers
         in one block run once, no injection (the study's `noloop`)."""
         if not isinstance(size, int) or size < 1:
-            _fail("size", f"must be a positive integer, got {size!r}", "use e.g. size=12")
+            fail("LoopedConfig.size", f"must be a positive integer, got {size!r}", "use e.g. size=12")
         if not isinstance(r, int) or r < 1 or REFERENCE_REC_DEPTH % r:
-            _fail("r", f"effective recurrent depth {REFERENCE_REC_DEPTH} is not divisible into a block for r={r!r}",
-                  "use r in {1, 2, 4, 8, 16}")
+            fail("LoopedConfig.r", f"effective recurrent depth {REFERENCE_REC_DEPTH} is not divisible into a block for r={r!r}",
+                 "use r in {1, 2, 4, 8, 16}")
         d = reference_width(size)
         return cls(vocab_size=vocab_size, d_model=d, n_heads=d // REFERENCE_HEAD_DIM, head_dim=REFERENCE_HEAD_DIM,
                    **_layout(REFERENCE_PRELUDE, REFERENCE_REC_DEPTH, REFERENCE_CODA, r),
@@ -133,8 +127,8 @@ class LoopedConfig:
         """The reference structure at CPU size: the recurrent depth `rec_depth` is split into r passes of rec_depth/r
         (r=1: all n_prelude + rec_depth + n_coda layers in one block, as the reference family)."""
         if not isinstance(r, int) or r < 1 or rec_depth % r:
-            _fail("r", f"recurrent depth {rec_depth} is not divisible into a block for r={r!r}",
-                  f"use an r that divides {rec_depth}")
+            fail("LoopedConfig.r", f"recurrent depth {rec_depth} is not divisible into a block for r={r!r}",
+                 f"use an r that divides {rec_depth}")
         return cls(vocab_size=vocab_size, d_model=d_model, n_heads=d_model // head_dim, head_dim=head_dim,
                    **_layout(n_prelude, rec_depth, n_coda, r), injection="none" if r == 1 else injection,
                    hc_lanes=hc_lanes, bptt_k=bptt_k, seq_len=seq_len, **overrides)

@@ -48,7 +48,15 @@ def test_fit_query_plot_end_to_end(store, tmp_path, capsys):
     code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "2e7", "--n-rec", "2e7", "--r", "4")
     assert json.loads(out)["value"] == pytest.approx(2e7 + 4 ** law.phi * 2e7)
     code, out, _ = _run(capsys, "query", str(law_path), "dense-equivalent", "--n-once", "2e7", "--n-rec", "2e7", "--r", "1")
-    assert json.loads(out)["value"] == pytest.approx(4e7)
+    assert json.loads(out)["value"] == pytest.approx(4e7)  # dense-equivalent: the same quantity under its other name
+    code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "0", "--n-rec", "2e7", "--r", "4")
+    assert code == 0 and json.loads(out)["value"] == pytest.approx(4 ** law.phi * 2e7)  # all-recurrent is fine
+    for bad in (["--n-once=-1e8", "--n-rec", "1e8", "--r", "4"], ["--n-once", "1e8", "--n-rec", "1e8", "--r", "0.5"]):
+        code, out, err = _run(capsys, "query", str(law_path), "effective", *bad)
+        assert code == 2 and not out and ("n_once:" in err or "r:" in err), err
+    code, out, err = _run(capsys, "query", "reference", "predict", "--n-once", "1e8", "--n-rec", "1e8", "--r", "4",
+                          "--tokens", "-5")
+    assert code == 2 and "tokens: must be finite and > 0" in err
 
     code, out, _ = _run(capsys, "query", str(law_path), "optimal", "--compute", "1e19", "--r-values", "1,2,4",
                         "--max-unique-params", "3e8")

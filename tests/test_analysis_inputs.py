@@ -83,7 +83,7 @@ def test_missing_columns_are_named():
 
 @pytest.mark.parametrize("col,value,rule", [("val_loss", np.nan, "val_loss must be finite"),
                                             ("tokens", -1.0, "tokens must be finite and > 0"),
-                                            ("n_once", 0.0, "n_once must be finite and > 0"),
+                                            ("n_once", -1.0, "n_once must be finite and >= 0"),
                                             ("r", 0, "r must be finite and >= 1")])
 def test_bad_values_name_the_rows(col, value, rule):
     df = _grid()
@@ -91,6 +91,17 @@ def test_bad_values_name_the_rows(col, value, rule):
     with pytest.raises(ValueError, match=rule) as err:
         load_runs(df)
     assert df.loc[2, "run_id"] in str(err.value) and df.loc[5, "run_id"] in str(err.value)
+
+
+def test_n_once_zero_is_a_model_given_as_all_recurrent():
+    df = _grid()
+    df.loc[[2, 5], "n_rec"] += df.loc[[2, 5], "n_once"] / df.loc[[2, 5], "r"] ** LAW.phi
+    df.loc[[2, 5], "n_once"] = 0.0  # the same N_eff, written as all-recurrent
+    assert len(load_runs(df)) == len(df)
+    df.loc[3, ["n_once", "n_rec"]] = 0.0
+    with pytest.raises(ValueError, match="n_once \\+ n_rec must be > 0") as err:
+        load_runs(df)
+    assert df.loc[3, "run_id"] in str(err.value)
 
 
 def test_too_few_runs():

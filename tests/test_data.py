@@ -18,17 +18,9 @@ import pytest
 import torch
 
 from training.corpus import default_corpus_texts, doc_key, split_text
-from training.data import (
-    PrepareConfig,
-    TokenLoader,
-    bits_per_byte,
-    ensure_default_data,
-    load_data_tokenizer,
-    load_meta,
-    validation_batches,
-)
+from training.loader import TokenLoader, bits_per_byte, load_data_tokenizer, load_meta, validation_batches
+from training.prepare import PrepareConfig, ensure_default_data, prepare
 from training.prepare import main as prepare_main
-from training.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 

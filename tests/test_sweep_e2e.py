@@ -244,9 +244,9 @@ def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing
 
     monkeypatch.setattr(training.config, "LoopedConfig", grown(training.config.LoopedConfig, "norm", "rms"))
     monkeypatch.setattr(training.config, "OptimConfig", grown(training.config.OptimConfig, "recipe", "adamw"))
-    monkeypatch.setattr(tuning.grid, "RunConfig", grown(training.config.RunConfig, "eval_depths", ()))
+    monkeypatch.setattr(tuning.grid, "RunConfig", grown(training.config.RunConfig, "new_setting", ()))
     cells = expand(absolute_storage(spec))
-    assert all(hasattr(c.run, "eval_depths") and c.run.optim.recipe == "adamw" for c in cells)
+    assert all(hasattr(c.run, "new_setting") and c.run.optim.recipe == "adamw" for c in cells)
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(runs / "*.parquet"))}
     log = io.StringIO()
     assert run_sweep(spec, num_cpus=2, fit=False, out=log)["counts"] == {"completed": 2}

@@ -79,8 +79,9 @@ def test_interrupted_trials_are_requeued(tmp_path):
     again = open_study("resume", storage, pruner=make_pruner("none", 0), seed=0, startup_trials=1)
     assert recover_interrupted(again) == [{"lr": lr}]
     old = again.trials[dead.number]
-    assert old.state == TrialState.FAIL and old.user_attrs[INTERRUPTED]
+    assert old.state == TrialState.FAIL and again.user_attrs[INTERRUPTED] == [dead.number]
     assert finished_trials(again) == 1  # an interrupted trial does not use up the search budget
     nxt = again.ask()
     assert nxt.suggest_float("lr", 1e-4, 1e-1, log=True) == lr  # the same run continues
     assert recover_interrupted(again) == [{"lr": lr}]  # nxt is RUNNING again: a second crash is handled too
+    assert again.user_attrs[INTERRUPTED] == [dead.number, nxt.number] and finished_trials(again) == 1

@@ -8,29 +8,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from models.accounting import flops_per_token
+from models.accounting import flops_per_token, tokens_for_compute
 from models.config import LoopedConfig
-
-
-def _fail(name: str, problem: str, fix: str) -> None:
-    raise ValueError(f"{name}: {problem}; {fix}")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(name, f"must be an integer >= {minimum}, got {value!r}", f"set it to an integer >= {minimum}")
-
-
-def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        _fail(name, f"must be a finite number {bound}, got {value!r}", f"set it to a number {bound}")
+from models.validate import fail, integer, number
 
 
 SCHEDULES = ("linear", "wsd")
@@ -76,35 +60,35 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            _fail("optim.optimizer", f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+            fail("optim.optimizer", f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
         if self.optimizer == "muonh":
             for name in ("embed_lr_mult", "norm_lr_mult"):
                 if getattr(self, name) is not None:
-                    _fail(f"optim.{name}", "does not apply to muonh (its AdamW groups take the study's LRs)",
-                          "drop it, or use optimizer: adamw")
+                    fail(f"optim.{name}", "does not apply to muonh (its AdamW groups take the study's LRs)",
+                         "drop it, or use optimizer: adamw")
             if self.weight_decay:
-                _fail("optim.weight_decay", "muonh decays nothing (its matrices stay on their initial Frobenius "
-                      "sphere)", "drop it, or use optimizer: adamw")
+                fail("optim.weight_decay", "muonh decays nothing (its matrices stay on their initial Frobenius "
+                     "sphere)", "drop it, or use optimizer: adamw")
         for name, value in _DEFAULTS[self.optimizer].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolve the default once, at the edge
-        _positive_float("optim.lr", self.lr)
+        number("optim.lr", self.lr)
         if self.optimizer == "adamw":
-            _positive_float("optim.embed_lr_mult", self.embed_lr_mult)
-            _positive_float("optim.norm_lr_mult", self.norm_lr_mult)
-        _positive_float("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _positive_float("optim.eps", self.eps)
-        _positive_float("optim.grad_clip", self.grad_clip, allow_zero=True)
+            number("optim.embed_lr_mult", self.embed_lr_mult)
+            number("optim.norm_lr_mult", self.norm_lr_mult)
+        number("optim.weight_decay", self.weight_decay, allow_zero=True)
+        number("optim.eps", self.eps)
+        number("optim.grad_clip", self.grad_clip, allow_zero=True)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                _fail(f"optim.{name}", f"must be in [0, 1), got {value!r}", "use e.g. 0.9 / 0.95")
+                fail(f"optim.{name}", f"must be in [0, 1), got {value!r}", "use e.g. 0.9 / 0.95")
         if not (isinstance(self.final_lr_frac, (int, float)) and 0 <= self.final_lr_frac <= 1):
-            _fail("optim.final_lr_frac", f"must be in [0, 1], got {self.final_lr_frac!r}", "use e.g. 0.1")
+            fail("optim.final_lr_frac", f"must be in [0, 1], got {self.final_lr_frac!r}", "use e.g. 0.1")
         if self.schedule not in SCHEDULES:
-            _fail("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+            fail("optim.schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         if not (isinstance(self.cooldown_frac, (int, float)) and 0 < self.cooldown_frac <= 1):
-            _fail("optim.cooldown_frac", f"must be in (0, 1], got {self.cooldown_frac!r}", "use e.g. 0.2")
+            fail("optim.cooldown_frac", f"must be in (0, 1], got {self.cooldown_frac!r}", "use e.g. 0.2")
 
     def cooldown_start(self, total_steps: int) -> int:
         """First step of the decay: 0 for linear; for wsd the stable phase ends `cooldown_frac` before the end."""
@@ -215,82 +199,82 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, LoopedConfig):
-            _fail("model", f"must be a LoopedConfig, got {type(self.model).__name__}", "build it with RunConfig.from_dict")
+            fail("model", f"must be a LoopedConfig, got {type(self.model).__name__}", "build it with RunConfig.from_dict")
         if self.size is not None:
-            _positive_int("model.size", self.size)
+            integer("model.size", self.size)
         if not isinstance(self.data, str) or not self.data:
-            _fail("data", f"must be 'default' or a prepared data dir, got {self.data!r}",
-                  "use data: default or the --out dir of `python -m training.prepare`")
+            fail("data", f"must be 'default' or a prepared data dir, got {self.data!r}",
+                 "use data: default or the --out dir of `python -m training.prepare`")
         if not isinstance(self.optim, OptimConfig):
-            _fail("optim", f"must be an OptimConfig, got {type(self.optim).__name__}", "build it with RunConfig.from_dict")
+            fail("optim", f"must be an OptimConfig, got {type(self.optim).__name__}", "build it with RunConfig.from_dict")
         if (self.compute is None) == (self.tokens is None):
-            _fail("budget", "give exactly one of compute (FLOPs) and tokens",
-                  "set budget: {compute: 1e15} or budget: {tokens: 1000000}")
+            fail("budget", "give exactly one of compute (FLOPs) and tokens",
+                 "set budget: {compute: 1e15} or budget: {tokens: 1000000}")
         if self.compute is not None:
-            _positive_float("budget.compute", self.compute)
+            number("budget.compute", self.compute)
         if self.tokens is not None:
-            _positive_int("budget.tokens", self.tokens)
-        _positive_int("batch_tokens", self.batch_tokens)
-        _positive_int("micro_batch", self.micro_batch)
+            integer("budget.tokens", self.tokens)
+        integer("batch_tokens", self.batch_tokens)
+        integer("micro_batch", self.micro_batch)
         if self.zero_stage not in (0, 1, 2, 3) or isinstance(self.zero_stage, bool):
-            _fail("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage!r}", "use e.g. zero_stage: 2")
-        _positive_int("resources.num_workers", self.num_workers)
-        _positive_float("resources.cpus_per_worker", self.cpus_per_worker)
+            fail("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage!r}", "use e.g. zero_stage: 2")
+        integer("resources.num_workers", self.num_workers)
+        number("resources.cpus_per_worker", self.cpus_per_worker)
         if not isinstance(self.use_gpu, bool):
-            _fail("resources.use_gpu", f"must be true or false, got {self.use_gpu!r}", "use true or false")
-        _positive_int("seed", self.seed, minimum=0)
+            fail("resources.use_gpu", f"must be true or false, got {self.use_gpu!r}", "use true or false")
+        integer("seed", self.seed, minimum=0)
         if not isinstance(self.storage, str) or not self.storage:
-            _fail("storage", f"must be a path or URI, got {self.storage!r}", "use e.g. storage: results")
-        _positive_int("eval_every", self.eval_every)
-        _positive_int("log_every", self.log_every)
+            fail("storage", f"must be a path or URI, got {self.storage!r}", "use e.g. storage: results")
+        integer("eval_every", self.eval_every)
+        integer("log_every", self.log_every)
         if self.compile is not None and not isinstance(self.compile, bool):
-            _fail("compile", f"must be true, false or null (auto: on GPU only), got {self.compile!r}",
-                  "use compile: true / false, or leave it out")
-        _positive_int("checkpoint_every", self.checkpoint_every)
-        _positive_int("val_tokens", self.val_tokens)
-        _positive_float("spike_factor", self.spike_factor)
+            fail("compile", f"must be true, false or null (auto: on GPU only), got {self.compile!r}",
+                 "use compile: true / false, or leave it out")
+        integer("checkpoint_every", self.checkpoint_every)
+        integer("val_tokens", self.val_tokens)
+        number("spike_factor", self.spike_factor)
         if self.spike_factor <= 1:
-            _fail("spike_factor", f"must be > 1, got {self.spike_factor!r}", "use e.g. 4.0")
-        _positive_int("max_failures", self.max_failures, minimum=-1)
+            fail("spike_factor", f"must be > 1, got {self.spike_factor!r}", "use e.g. 4.0")
+        integer("max_failures", self.max_failures, minimum=-1)
         if self.eval_depths is not None:
             object.__setattr__(self, "eval_depths", _depth_list(self.eval_depths))
         for name in ("name", "sweep", "variant"):
             if not isinstance(getattr(self, name), str):
-                _fail(name, f"must be a string, got {getattr(self, name)!r}", "quote it in the YAML")
+                fail(name, f"must be a string, got {getattr(self, name)!r}", "quote it in the YAML")
 
         per_step = self.micro_batch * self.model.seq_len * self.num_workers
         if self.batch_tokens % per_step:
-            _fail("batch_tokens", f"{self.batch_tokens} is not a multiple of micro_batch*seq_len*num_workers = "
-                  f"{self.micro_batch}*{self.model.seq_len}*{self.num_workers} = {per_step}",
-                  f"use a multiple of {per_step}, e.g. {per_step * max(1, round(self.batch_tokens / per_step))}")
+            fail("batch_tokens", f"{self.batch_tokens} is not a multiple of micro_batch*seq_len*num_workers = "
+                 f"{self.micro_batch}*{self.model.seq_len}*{self.num_workers} = {per_step}",
+                 f"use a multiple of {per_step}, e.g. {per_step * max(1, round(self.batch_tokens / per_step))}")
         if self.val_tokens < self.model.seq_len * self.num_workers:
-            _fail("val_tokens", f"{self.val_tokens} is less than one sequence per worker "
-                  f"({self.model.seq_len}*{self.num_workers})", f"use >= {self.model.seq_len * self.num_workers}")
+            fail("val_tokens", f"{self.val_tokens} is less than one sequence per worker "
+                 f"({self.model.seq_len}*{self.num_workers})", f"use >= {self.model.seq_len * self.num_workers}")
         if self.steps < 1:
-            _fail("budget", f"the budget buys {self.target_tokens:.3g} tokens, less than one batch of "
-                  f"{self.batch_tokens}", "raise the budget or lower batch_tokens")
+            fail("budget", f"the budget buys {self.target_tokens:.3g} tokens, less than one batch of "
+                 f"{self.batch_tokens}", "raise the budget or lower batch_tokens")
         if self.horizons is not None:
             object.__setattr__(self, "horizons", self._checked_horizons())
 
     def _checked_horizons(self) -> tuple[float, ...]:
         if self.optim.schedule != "wsd":
-            _fail("horizons", "cooldown branches need the wsd schedule", "set optim: {schedule: wsd} or drop horizons")
+            fail("horizons", "cooldown branches need the wsd schedule", "set optim: {schedule: wsd} or drop horizons")
         if self.optim.optimizer == "muonh":
-            _fail("horizons", "muonh sets its LR from the run's token count, so a branch would not be the run trained "
-                  "to its horizon", "train each horizon as its own run, or use optimizer: adamw")
+            fail("horizons", "muonh sets its LR from the run's token count, so a branch would not be the run trained "
+                 "to its horizon", "train each horizon as its own run, or use optimizer: adamw")
         if not isinstance(self.horizons, (list, tuple)) or not self.horizons:
-            _fail("horizons", f"must be a non-empty list of budgets, got {self.horizons!r}", "e.g. horizons: [2.5e14]")
+            fail("horizons", f"must be a non-empty list of budgets, got {self.horizons!r}", "e.g. horizons: [2.5e14]")
         budget = self.compute if self.compute is not None else self.tokens
         unit = "compute" if self.compute is not None else "tokens"
-        values = tuple(sorted({_number("horizons", h) for h in self.horizons}))
+        values = tuple(sorted({number("horizons", h, positive=False, parse=True) for h in self.horizons}))
         for h in values:
             if not (isinstance(h, (int, float)) and 0 < h < budget):
-                _fail("horizons", f"{h!r} is not between 0 and the run's budget ({unit} {budget:.4g})",
-                      f"give budgets in the run's unit ({unit}) below its own")
+                fail("horizons", f"{h!r} is not between 0 and the run's budget ({unit} {budget:.4g})",
+                     f"give budgets in the run's unit ({unit}) below its own")
             steps = self.branch_config(h).steps
             if steps < 1 or self.optim.cooldown_start(steps) < 1:
-                _fail("horizons", f"{h:.4g} buys {steps} steps, too few for a stable phase and a cooldown",
-                      "raise it or lower batch_tokens")
+                fail("horizons", f"{h:.4g} buys {steps} steps, too few for a stable phase and a cooldown",
+                     "raise it or lower batch_tokens")
         return values
 
     # ---- derived -------------------------------------------------------------------------------------------
@@ -307,12 +291,17 @@ class RunConfig:
 
     @property
     def target_tokens(self) -> float:
-        return float(self.tokens) if self.tokens is not None else self.compute / self.flops_per_token
+        return float(self.tokens) if self.tokens is not None else tokens_for_compute(self.model, self.compute)
 
     @property
     def steps(self) -> int:
         """Optimizer steps: budget / batch, rounded to the nearest whole step (C / (F * batch_tokens) for a FLOP budget)."""
         return int(round(self.target_tokens / self.batch_tokens))
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens the run trains on: whole steps of batch_tokens (the budget, rounded)."""
+        return self.steps * self.batch_tokens
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -334,10 +323,6 @@ class RunConfig:
     def horizon_steps(self) -> list[int]:
         """Steps at which each cooldown branch ends, then the run's own last step."""
         return [self.branch_config(h).steps for h in (self.horizons or ())] + [self.steps]
-
-    @property
-    def train_tokens(self) -> int:
-        return self.steps * self.batch_tokens
 
     @property
     def run_id(self) -> str:
@@ -379,18 +364,18 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """Nested sections (model, optim, budget, resources) as in the YAML; budget/resources keys may also be top-level."""
         if not isinstance(data, dict):
-            _fail("config", f"must be a mapping, got {type(data).__name__}", "write the YAML as key: value pairs")
+            fail("config", f"must be a mapping, got {type(data).__name__}", "write the YAML as key: value pairs")
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)} | {"budget", "resources"}
         unknown = sorted(set(data) - known)
         if unknown:
-            _fail(unknown[0], "unknown field", f"valid top-level fields are {sorted(known - {'size'})}")
+            fail(unknown[0], "unknown field", f"valid top-level fields are {sorted(known - {'size'})}")
         if "model" not in data:
-            _fail("model", "missing", "add a model section, e.g. model: {family: tiny, r: 2}")
+            fail("model", "missing", "add a model section, e.g. model: {family: tiny, r: 2}")
         model, size = _model_from_dict(data.pop("model"))
         kwargs: dict[str, Any] = {"model": model, "size": size}
         if "size" in data:
-            _fail("size", "belongs in the model section", "write model: {family: reference, size: 12, ...}")
+            fail("size", "belongs in the model section", "write model: {family: reference, size: 12, ...}")
         optim = data.pop("optim", {}) or {}
         if isinstance(optim, OptimConfig):
             kwargs["optim"] = optim
@@ -400,23 +385,23 @@ class RunConfig:
                               ("resources", ("num_workers", "cpus_per_worker", "use_gpu"))):
             values = data.pop(section, {}) or {}
             if not isinstance(values, dict):
-                _fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{{keys[0]}: ...}}")
+                fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{{keys[0]}: ...}}")
             extra = sorted(set(values) - set(keys))
             if extra:
-                _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {list(keys)}")
+                fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {list(keys)}")
             for key in keys:
                 if key in values and key in data:
-                    _fail(key, f"given both at top level and in {section}", "give it once")
+                    fail(key, f"given both at top level and in {section}", "give it once")
                 if key in values:
                     kwargs[key] = values[key]
         kwargs.update(data)
         if kwargs.get("compute") is not None:
-            kwargs["compute"] = _number("budget.compute", kwargs["compute"])
+            kwargs["compute"] = number("budget.compute", kwargs["compute"], parse=True)
         if kwargs.get("tokens") is not None:
-            tokens = _number("budget.tokens", kwargs["tokens"])
+            tokens = number("budget.tokens", kwargs["tokens"], parse=True)
             kwargs["tokens"] = int(tokens) if float(tokens).is_integer() else tokens
         if "cpus_per_worker" in kwargs:
-            kwargs["cpus_per_worker"] = _number("resources.cpus_per_worker", kwargs["cpus_per_worker"])
+            kwargs["cpus_per_worker"] = number("resources.cpus_per_worker", kwargs["cpus_per_worker"], parse=True)
         return cls(**kwargs)
 
     @classmethod
@@ -425,12 +410,12 @@ class RunConfig:
 
         path = Path(path)
         if not path.is_file():
-            _fail("config", f"file {str(path)!r} not found", "pass the path of a run YAML, e.g. training/configs/tiny.yaml")
+            fail("config", f"file {str(path)!r} not found", "pass the path of a run YAML, e.g. training/configs/tiny.yaml")
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
             except yaml.YAMLError as exc:
-                _fail("config", f"{path} is not valid YAML ({exc})", "fix the YAML syntax")
+                fail("config", f"{path} is not valid YAML ({exc})", "fix the YAML syntax")
         return cls.from_dict(data or {})
 
     def replace(self, **changes: Any) -> "RunConfig":
@@ -450,36 +435,26 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _number(name: str, value: Any) -> float:
-    """YAML 1.1 reads `1e15` as a string; accept it as the number it is meant to be."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            _fail(name, f"must be a number, got {value!r}", "write e.g. 1.0e15")
-    return value
-
-
 def _depth_list(value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
-        _fail("eval_depths", f"must be a non-empty list of recurrence counts, got {value!r}",
-              "write e.g. eval_depths: [1, 2, 4, 8], or leave it out for 1..2r")
+        fail("eval_depths", f"must be a non-empty list of recurrence counts, got {value!r}",
+             "write e.g. eval_depths: [1, 2, 4, 8], or leave it out for 1..2r")
     for r in value:
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            _fail("eval_depths", f"every evaluation r must be an integer >= 1, got {r!r} in {list(value)}",
-                  "drop it: r = 0 runs no recurrence (the model needs at least one)")
+            fail("eval_depths", f"every evaluation r must be an integer >= 1, got {r!r} in {list(value)}",
+                 "drop it: r = 0 runs no recurrence (the model needs at least one)")
     return tuple(sorted(set(value)))
 
 
 def _build(cls: type, values: Any, section: str) -> Any:
     if not isinstance(values, dict):
-        _fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{key: value}}")
+        fail(section, f"must be a mapping, got {values!r}", f"write {section}: {{key: value}}")
     known = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(values) - known)
     if extra:
-        _fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
+        fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
     text = {f.name for f in dataclasses.fields(cls) if f.type == "str"}
-    values = {k: (_number(f"{section}.{k}", v) if isinstance(v, str) and k not in text else v) for k, v in values.items()}
+    values = {k: (number(f"{section}.{k}", v, positive=False, parse=True) if isinstance(v, str) and k not in text else v) for k, v in values.items()}
     return cls(**values)
 
 
@@ -488,24 +463,24 @@ def _model_from_dict(spec: Any) -> tuple[LoopedConfig, int | None]:
     if isinstance(spec, LoopedConfig):
         return spec, None
     if not isinstance(spec, dict):
-        _fail("model", f"must be a mapping, got {spec!r}", "write model: {family: tiny, r: 2}")
+        fail("model", f"must be a mapping, got {spec!r}", "write model: {family: tiny, r: 2}")
     spec = dict(spec)
     family = spec.pop("family", "explicit")
     size = spec.pop("size", None)
     if family not in _FAMILIES:
-        _fail("model.family", f"unknown family {family!r}", f"use one of {', '.join(_FAMILIES)}")
+        fail("model.family", f"unknown family {family!r}", f"use one of {', '.join(_FAMILIES)}")
     try:
         if family == "reference":
             if size is None or "r" not in spec:
-                _fail("model.size", "the reference family needs size and r", "write model: {family: reference, size: 12, r: 4}")
+                fail("model.size", "the reference family needs size and r", "write model: {family: reference, size: 12, r: 4}")
             return LoopedConfig.reference(size=size, **spec), size
         if family == "tiny":
             return LoopedConfig.tiny(**spec), size
         known = {f.name for f in dataclasses.fields(LoopedConfig)}
         extra = sorted(set(spec) - known)
         if extra:
-            _fail(f"model.{extra[0]}", "unknown field", f"valid fields are {sorted(known)} (plus family, size)")
+            fail(f"model.{extra[0]}", "unknown field", f"valid fields are {sorted(known)} (plus family, size)")
         return LoopedConfig.from_dict(spec), size
     except TypeError as exc:  # an unknown keyword for the family constructor
-        _fail("model", str(exc), f"check the field names of the {family} family")
+        fail("model", str(exc), f"check the field names of the {family} family")
     raise AssertionError("unreachable")

@@ -73,10 +73,6 @@ class InputFiles:
     arrow: tuple[str, ...]
     text: tuple[str, ...]
 
-    @property
-    def all(self) -> tuple[str, ...]:
-        return self.parquet + self.arrow + self.text
-
 
 def _kind(path: str) -> str:
     low = path.lower()

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Iterable
 
-from models.accounting import param_counts
+from models.accounting import param_counts, training_compute
 from training import results_store
 from training.config import RunConfig
 from training.ray_session import ray_session
@@ -110,7 +110,7 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
         "hc_lanes": m.hc_lanes, "n_heads": m.n_heads, "head_dim": m.head_dim, "seq_len": m.seq_len,
         "vocab_size": m.vocab_size, "effective_depth": m.effective_depth,
         "n_once": counts.n_once, "n_rec": counts.n_rec, "n_embed": counts.n_embed,
-        "flops_per_token": cfg.flops_per_token, "tokens": tokens, "compute": cfg.flops_per_token * tokens,
+        "flops_per_token": cfg.flops_per_token, "tokens": tokens, "compute": training_compute(m, tokens),
         "budget_compute": cfg.compute,
         "val_loss": nan(summary.get("val_loss")), "val_bpb": nan(summary.get("val_bpb")),
         "train_loss": nan(summary.get("train_loss")), "steps": steps, "wall_seconds": float(wall_seconds),
@@ -122,7 +122,7 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
         "error": error or summary.get("reason"),
         "started_at": started_at, "finished_at": finished_at,
         "parent_run_id": summary.get("parent_run_id"),
-        "compute_spent": cfg.flops_per_token * cfg.batch_tokens * int(summary.get("steps_trained", steps)),
+        "compute_spent": training_compute(m, cfg.batch_tokens * int(summary.get("steps_trained", steps))),
     }
 
 

@@ -74,8 +74,3 @@ def bos_id(tok: Tokenizer) -> int:
     if i is None:
         raise ValueError(f"tokenizer has no {BOS!r} token; load it with load_tokenizer() which adds one")
     return i
-
-
-def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
-    """Text of `ids`, special tokens (BOS) dropped."""
-    return tok.decode(list(ids), skip_special_tokens=True)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.config import LoopedConfig
+from models.validate import fail
 from training.config import RunConfig
-from tuning.spec import SweepSpec, Variant, fail, micro_batch_at
+from tuning.spec import SweepSpec, Variant, micro_batch_at
 
 LR_SEARCH_VARIANT = "lr_search"
 

@@ -18,7 +18,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
-INTERRUPTED = "interrupted"  # user attr of a trial whose driver died while it ran
+INTERRUPTED = "interrupted"  # study user attr: numbers of the trials whose driver died while they ran
 
 
 def make_pruner(kind: str, startup_trials: int, args: Mapping[str, Any] | None = None) -> optuna.pruners.BasePruner:
@@ -45,26 +45,30 @@ def open_study(name: str, storage: str, *, pruner: optuna.pruners.BasePruner, se
 
 
 def recover_interrupted(study: optuna.Study) -> list[dict[str, Any]]:
-    """Trials left RUNNING by a driver that died: mark them FAIL (tagged interrupted) and enqueue their parameters
-    again so the rerun continues the same runs (whose training resumes from its checkpoints) instead of new ones."""
+    """Trials left RUNNING by a driver that died: tell the study they FAILed (their numbers kept in the study's
+    INTERRUPTED user attr, so they do not count against the budget) and enqueue their parameters again, so the rerun
+    continues the same runs (whose training resumes from its checkpoints) instead of new ones."""
+    interrupted = list(study.user_attrs.get(INTERRUPTED, []))
     params = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        if t.state == TrialState.WAITING:
-            continue  # already queued for the next ask
-        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        interrupted.append(t.number)
         study.enqueue_trial(t.params, skip_if_exists=False)
         params.append(t.params)
+    if params:
+        study.set_user_attr(INTERRUPTED, interrupted)
     return params
 
 
 def finished_trials(study: optuna.Study) -> int:
     """Trials that count against the search budget: completed, pruned, and failed for a reason of their own."""
+    interrupted = set(study.user_attrs.get(INTERRUPTED, []))
     n = 0
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             n += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED):
+        # A per-trial INTERRUPTED tag is how studies written before the study-level list marked one.
+        elif t.state == TrialState.FAIL and t.number not in interrupted and not t.user_attrs.get(INTERRUPTED):
             n += 1
     return n
 

@@ -11,36 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from models.validate import fail, integer, number
+
 FAMILIES = ("tiny", "reference")
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 LR_RULES = ("fixed", "tuned")
 # Keys of the training recipe a spec may set; the sweep owns model, budget, storage, resources and labels.
 RECIPE_KEYS = ("optim", "batch_tokens", "micro_batch", "seed", "eval_every", "val_tokens", "spike_factor",
                "max_failures", "checkpoint_every", "eval_depths")
-
-
-def fail(name: str, problem: str, fix: str) -> None:
-    raise ValueError(f"{name}: {problem}; {fix}")
-
-
-def _number(name: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> float:
-    """A finite number; YAML 1.1 reads `1e18` as a string, so numeric strings are accepted as meant."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            fail(name, f"must be a number, got {value!r}", "write e.g. 1.0e18")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        fail(name, f"must be a finite number, got {value!r}", "write e.g. 1.0e18")
-    if positive and (value < 0 or (value == 0 and not allow_zero)):
-        fail(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", "use a positive number")
-    return float(value)
-
-
-def _int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        fail(name, f"must be an integer >= {minimum}, got {value!r}", f"use an integer >= {minimum}")
-    return value
 
 
 def _mapping(name: str, value: Any, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -58,7 +36,7 @@ def _mapping(name: str, value: Any, allowed: tuple[str, ...] | None = None) -> d
 def _int_list(name: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         fail(name, f"must be a non-empty list, got {value!r}", f"write {name}: [1, 2, 4, 8]")
-    out = tuple(_int(f"{name}[{i}]", v) for i, v in enumerate(value))
+    out = tuple(integer(f"{name}[{i}]", v) for i, v in enumerate(value))
     if len(set(out)) != len(out):
         fail(name, f"has duplicates: {list(out)}", "list each value once")
     return out
@@ -67,10 +45,10 @@ def _int_list(name: str, value: Any) -> tuple[int, ...]:
 def _micro_batch(value: Any) -> int | dict[int, int]:
     """`micro_batch`: one integer, or {smallest width: micro batch} steps, e.g. {1: 32, 18: 16, 30: 8}."""
     if not isinstance(value, Mapping):
-        return _int("recipe.micro_batch", value)
+        return integer("recipe.micro_batch", value)
     if not value:
         fail("recipe.micro_batch", "is an empty mapping", "write micro_batch: 8 or {1: 32, 18: 16, 30: 8}")
-    return {_int(f"recipe.micro_batch (key {w!r})", w): _int(f"recipe.micro_batch[{w}]", mb) for w, mb in value.items()}
+    return {integer(f"recipe.micro_batch (key {w!r})", w): integer(f"recipe.micro_batch[{w}]", mb) for w, mb in value.items()}
 
 
 def micro_batch_at(value: int | Mapping[int, int], width: int) -> int:
@@ -97,8 +75,8 @@ class Budget:
         if "compute" not in d or "widths" not in d:
             fail(name, "needs compute and widths", "write {compute: 1.0e18, widths: [6, 8, 10]}")
         batch = d.get("batch_tokens")
-        return cls(compute=_number(f"{name}.compute", d["compute"]), widths=_int_list(f"{name}.widths", d["widths"]),
-                   batch_tokens=None if batch is None else _int(f"{name}.batch_tokens", batch))
+        return cls(compute=number(f"{name}.compute", d["compute"], parse=True), widths=_int_list(f"{name}.widths", d["widths"]),
+                   batch_tokens=None if batch is None else integer(f"{name}.batch_tokens", batch))
 
 
 @dataclass(frozen=True)
@@ -126,7 +104,7 @@ class Variant:
             if not isinstance(budgets, (list, tuple)) or not budgets:
                 fail(f"variants.{name}.budgets", f"must be a non-empty list of computes, got {budgets!r}",
                      "list compute values from budgets, e.g. [4.64e17, 1.0e18]")
-            budgets = tuple(_number(f"variants.{name}.budgets[{i}]", b) for i, b in enumerate(budgets))
+            budgets = tuple(number(f"variants.{name}.budgets[{i}]", b, parse=True) for i, b in enumerate(budgets))
         return cls(name=name, model=tuple(sorted(overrides.items())),
                    r=None if r is None else _int_list(f"variants.{name}.r", r), budgets=budgets)
 
@@ -161,9 +139,9 @@ class Transfer:
     @classmethod
     def from_dict(cls, d: Any) -> "Transfer":
         d = _mapping("lr.transfer", d, tuple(f.name for f in dataclasses.fields(cls)))
-        kw = {k: _number(f"lr.transfer.{k}", v, positive=False) for k, v in d.items() if k != "reference_width"}
+        kw = {k: number(f"lr.transfer.{k}", v, positive=False, parse=True) for k, v in d.items() if k != "reference_width"}
         if d.get("reference_width") is not None:
-            kw["reference_width"] = _int("lr.transfer.reference_width", d["reference_width"])
+            kw["reference_width"] = integer("lr.transfer.reference_width", d["reference_width"])
         return cls(**kw)
 
 
@@ -191,12 +169,12 @@ class Search:
         kw: dict[str, Any] = {}
         for key in ("trials", "startup_trials", "concurrency", "width", "r"):
             if d.get(key) is not None:
-                kw[key] = _int(f"lr.search.{key}", d[key], minimum=0 if key == "startup_trials" else 1)
+                kw[key] = integer(f"lr.search.{key}", d[key], minimum=0 if key == "startup_trials" else 1)
         for key in ("low", "high", "budget"):
             if d.get(key) is not None:
-                kw[key] = _number(f"lr.search.{key}", d[key])
+                kw[key] = number(f"lr.search.{key}", d[key], parse=True)
         if "seed" in d:
-            kw["seed"] = _int("lr.search.seed", d["seed"], minimum=0)
+            kw["seed"] = integer("lr.search.seed", d["seed"], minimum=0)
         if "pruner" in d:
             if d["pruner"] not in PRUNERS:
                 fail("lr.search.pruner", f"must be one of {PRUNERS}, got {d['pruner']!r}", "use e.g. pruner: median")
@@ -210,7 +188,7 @@ class Search:
         if d.get("enqueue"):
             if not isinstance(d["enqueue"], (list, tuple)):
                 fail("lr.search.enqueue", f"must be a list of LRs, got {d['enqueue']!r}", "write enqueue: [3.0e-3]")
-            kw["enqueue"] = tuple(_number(f"lr.search.enqueue[{i}]", v) for i, v in enumerate(d["enqueue"]))
+            kw["enqueue"] = tuple(number(f"lr.search.enqueue[{i}]", v, parse=True) for i, v in enumerate(d["enqueue"]))
         out = cls(**kw)
         if out.low >= out.high:
             fail("lr.search.low", f"must be below lr.search.high ({out.low} >= {out.high})", "swap them")
@@ -240,7 +218,7 @@ class LRRule:
                 fail("lr.value", "missing for rule: fixed", "write lr: {rule: fixed, value: 3.0e-3}")
             if d.get("search") is not None:
                 fail("lr.search", "given with rule: fixed", "set rule: tuned, or drop the search section")
-            return cls(rule=rule, value=_number("lr.value", d["value"]), transfer=transfer)
+            return cls(rule=rule, value=number("lr.value", d["value"], parse=True), transfer=transfer)
         if d.get("value") is not None:
             fail("lr.value", "given with rule: tuned (the search finds it)", "drop lr.value or use rule: fixed")
         return cls(rule=rule, transfer=transfer, search=Search.from_dict(d.get("search")))
@@ -261,11 +239,11 @@ class Resources:
         d = _mapping("resources", d, tuple(f.name for f in dataclasses.fields(cls)))
         kw: dict[str, Any] = {}
         if "num_workers" in d:
-            kw["num_workers"] = _int("resources.num_workers", d["num_workers"])
+            kw["num_workers"] = integer("resources.num_workers", d["num_workers"])
         if "cpus_per_worker" in d:
-            kw["cpus_per_worker"] = _number("resources.cpus_per_worker", d["cpus_per_worker"])
+            kw["cpus_per_worker"] = number("resources.cpus_per_worker", d["cpus_per_worker"], parse=True)
         if "trial_cpus" in d:
-            kw["trial_cpus"] = _number("resources.trial_cpus", d["trial_cpus"], allow_zero=True)
+            kw["trial_cpus"] = number("resources.trial_cpus", d["trial_cpus"], allow_zero=True, parse=True)
         if "gpus_per_worker" in d:
             if d["gpus_per_worker"] not in (0, 1) or isinstance(d["gpus_per_worker"], bool):
                 fail("resources.gpus_per_worker", f"must be 0 or 1, got {d['gpus_per_worker']!r}",
@@ -294,8 +272,8 @@ class FitOptions:
     @classmethod
     def from_dict(cls, d: Any) -> "FitOptions":
         d = _mapping("fit", d, ("bootstrap", "seed"))
-        return cls(bootstrap=_int("fit.bootstrap", d.get("bootstrap", 200), minimum=0),
-                   seed=_int("fit.seed", d.get("seed", 0), minimum=0))
+        return cls(bootstrap=integer("fit.bootstrap", d.get("bootstrap", 200), minimum=0),
+                   seed=integer("fit.seed", d.get("seed", 0), minimum=0))
 
 
 @dataclass(frozen=True)
@@ -316,9 +294,9 @@ class Adaptive:
         for key in ("target_phi_halfwidth", "max_flops"):
             if d.get(key) is None:
                 fail(f"adaptive.{key}", "missing", "write adaptive: {target_phi_halfwidth: 0.05, max_flops: 7.0e20}")
-        kw: dict[str, Any] = {key: _number(f"adaptive.{key}", d[key]) for key in ("target_phi_halfwidth", "max_flops")}
+        kw: dict[str, Any] = {key: number(f"adaptive.{key}", d[key], parse=True) for key in ("target_phi_halfwidth", "max_flops")}
         if "initial_runs" in d:
-            kw["initial_runs"] = _int("adaptive.initial_runs", d["initial_runs"], minimum=7)  # > 6 coefficients
+            kw["initial_runs"] = integer("adaptive.initial_runs", d["initial_runs"], minimum=7)  # > 6 coefficients
         if "prior" in d:
             prior = d["prior"]
             if not isinstance(prior, str) or not (prior == "reference" or Path(prior).expanduser().is_file()):
@@ -417,7 +395,7 @@ class SweepSpec:
         if isinstance(recipe.get("optim"), Mapping) and recipe["optim"].get("optimizer") == "muonh":
             # The recipe transfers its LRs itself (training.recipe); a second transfer would apply them twice.
             transfer = _mapping("lr.transfer", lr.get("transfer"))
-            if any(_number(f"lr.transfer.{k}", v, positive=False) for k, v in transfer.items() if k != "reference_width"):
+            if any(number(f"lr.transfer.{k}", v, positive=False, parse=True) for k, v in transfer.items() if k != "reference_width"):
                 fail("lr.transfer", "does not apply to optimizer muonh, which transfers lr by the study's rules "
                      "(batch, tokens) itself", "drop lr.transfer; lr.value is the matrix LR at the study's reference")
             lr["transfer"] = {"width_exponent": 0.0}
@@ -425,7 +403,7 @@ class SweepSpec:
         if concurrency in (None, "auto"):
             concurrency = None
         else:
-            concurrency = _int("concurrency", concurrency)
+            concurrency = integer("concurrency", concurrency)
         spec = cls(name=name, storage=storage, data=data, model=ModelFamily.from_dict(d["model"]), budgets=budgets,
                    r=r_values, variants=tuple(variants), recipe=tuple(sorted(recipe.items())),
                    lr=LRRule.from_dict(lr),
