@@ -65,6 +65,7 @@ def test_spec_adaptive_section_is_validated(study_spec, tmp_path):
         SweepSpec.from_dict({**adaptive_spec(study_spec, tmp_path), "variants": variants})
 
 
+@pytest.mark.slow
 def test_planner_alone_reaches_the_grid_interval_for_less(study_spec, tmp_path):
     """The planner's loop without Ray: pick, measure (planted), record, until it stops."""
     spec = SweepSpec.from_dict(adaptive_spec(study_spec, tmp_path))

@@ -131,6 +131,9 @@ class AdaptivePlanner:
         if math.isfinite(self.halfwidth):
             self.law = fit  # a fit whose runs leave a coefficient unidentified (E -> 0, say) is no law to plan at
         if self.halfwidth <= self.settings.target_phi_halfwidth:
+            if not force:  # a quick refit may sit in a poorer local optimum: stop only on the full multistart's word
+                self._maybe_refit(force=True)
+                return
             self.stopped = TARGET
 
     def report(self) -> dict[str, Any]:

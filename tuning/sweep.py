@@ -5,8 +5,10 @@
 
 Stages: (1) the LR search (when the spec's LR rule is `tuned`): TPE over log-LR at one small cell, bad trials
 pruned by the Optuna pruner through tuning.pruning; (2) the grid: one Tune trial per cell not yet in the results
-store, LR transferred from the search; (3) the fit (analysis, when importable): law JSON and plots in the store,
-and per variant whether test-time recurrences beyond the trained r help or hurt.
+store, LR transferred from the search (or, with `adaptive:` in the spec, tuning.adaptive's sweep: one cell at a
+time where it narrows phi most per FLOP, until a target half-width or a FLOP budget); (3) the fit (analysis, when
+importable): law JSON and plots in the store, and per variant whether test-time recurrences beyond the trained r
+help or hurt.
 Rerunning the same spec resumes: stored runs are skipped, interrupted ones relaunched (training resumes them from
 their checkpoints), the Optuna study reopened. Ctrl-C (or `ray job stop`) stops it cleanly: it says how far it got
 and how to resume, fits nothing from a partial grid unless --fit-partial, and exits 130 (a second Ctrl-C stops at
