@@ -453,7 +453,8 @@ def _build(cls: type, values: Any, section: str) -> Any:
     extra = sorted(set(values) - known)
     if extra:
         fail(f"{section}.{extra[0]}", "unknown field", f"valid fields are {sorted(known)}")
-    text = {f.name for f in dataclasses.fields(cls) if f.type == "str"}
+    # A field's type is the string "str" under postponed annotations and the class str otherwise (make_dataclass).
+    text = {f.name for f in dataclasses.fields(cls) if f.type in ("str", str)}
     values = {k: (number(f"{section}.{k}", v, positive=False, parse=True) if isinstance(v, str) and k not in text else v) for k, v in values.items()}
     return cls(**values)
 
