@@ -108,3 +108,29 @@ def render(plan: dict[str, Any], top: int = 10) -> str:
         lines.append(f"  coverage of the 95% interval: {m['coverage_profile']:.0%} profile-likelihood, "
                      f"{m['coverage_planned']:.0%} planned (phi_hat +-{m['predicted_phi_halfwidth']:.4f})")
     return "\n".join(lines)
+
+
+def isoflop_optima(spec: Any, law: ScalingLaw) -> list[dict[str, Any]]:
+    """Per budget and r of the spec's baseline: the width the law predicts lowest at that budget, searched over
+    every valid width from the budget's smallest to its largest, and whether it is interior (strictly between
+    them). An interior optimum at every budget is what makes an IsoFLOP grid pin the law's parameter term."""
+    from tuning.grid import run_config
+
+    out = []
+    for budget in spec.budgets:
+        lo, hi = min(budget.widths), max(budget.widths)
+        for r in spec.r:
+            widths, runs = [], []
+            for width in range(lo, hi + 1):
+                try:
+                    runs.append(run_config(spec, compute=budget.compute, width=width, r=r, variant=spec.baseline,
+                                           lr=1e-3))
+                except ValueError:  # not a width of the family (e.g. not a multiple of head_dim)
+                    continue
+                widths.append(width)
+            points = planning.DesignPoints.from_runs(runs)
+            loss = np.asarray(law.predict(points.n_once, points.n_rec, points.r, points.tokens), dtype=float)
+            best = int(np.argmin(loss))
+            out.append({"budget": budget.compute, "r": r, "width": widths[best], "loss": float(loss[best]),
+                        "grid": sorted(budget.widths), "interior": 0 < best < len(runs) - 1})
+    return out

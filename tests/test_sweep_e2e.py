@@ -98,9 +98,9 @@ def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
     assert {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))} == mtimes
 
 
-def _mid_run_checkpoint(store: Path, done_ids: set[str]) -> bool:
-    """True when a run without a row has a mid-training checkpoint registered in its Train run snapshot (the
-    record a restarted TorchTrainer restores from)."""
+def _mid_run_checkpoint(store: Path, done_ids: set[str], after_step: int = 0) -> bool:
+    """True when a run without a row has a mid-training checkpoint past `after_step` registered in its Train run
+    snapshot (the record a restarted TorchTrainer restores from)."""
     for snap in glob.glob(str(store / "ray" / "*" / "checkpoint_manager_snapshot.json")):
         if Path(snap).parent.name in done_ids:
             continue
@@ -109,7 +109,7 @@ def _mid_run_checkpoint(store: Path, done_ids: set[str]) -> bool:
                 latest = json.load(f)["checkpoint_results"][-1]["metrics"]
         except (OSError, ValueError, KeyError, IndexError):
             continue  # being written
-        if not latest.get("done") and latest.get("step", 0) > 0:
+        if not latest.get("done") and latest.get("step", 0) > after_step:
             return True
     return False
 
@@ -140,8 +140,16 @@ def _ray_left(sid: int, temp_dir: str, patience: float = 60) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_training_twice(tmp_path):
+    """Multi-horizon (wsd) runs: each r trains once to the larger budget with the smaller one as a cooldown branch.
+    The driver is SIGKILLed after one run finished and the other has checkpointed past its branch: the rerun keeps
+    what was stored, resumes the interrupted run (its branch comes back from the checkpoint), writes every row
+    exactly once, and a third run trains nothing."""
     store = tmp_path / "store"
-    spec_dict = tiny_spec(store, concurrency=1)
+    recipe = {**tiny_spec(store)["recipe"], "optim": {"schedule": "wsd", "cooldown_frac": 0.2}}
+    spec_dict = tiny_spec(store, concurrency=1, recipe=recipe)
+    cells = expand(absolute_storage(SweepSpec.from_dict(spec_dict)))
+    small = min(c.compute for c in cells)
+    branch_done = max(c.run.optim.cooldown_start(c.run.steps) for c in cells if c.compute == small)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec_dict))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -154,7 +162,7 @@ def test_killed_driver_resumes_without_training_twice(tmp_path):
         killed_with = None
         while time.monotonic() < deadline and driver.poll() is None:
             done = set(rows(store)) if (store / "runs").exists() else set()
-            if done and _mid_run_checkpoint(store, done):
+            if done and _mid_run_checkpoint(store, done, after_step=branch_done):
                 killed_with = done
                 # The private Ray's session folder is named after the pid of the driver that started it.
                 (session,) = glob.glob(f"/tmp/ray*/session_*_{driver.pid}")
@@ -174,18 +182,28 @@ def test_killed_driver_resumes_without_training_twice(tmp_path):
     assert not left, f"processes of the killed driver's Ray still alive: {left}"
     assert not os.path.exists(temp_dir)
     before = rows(store)
-    assert 1 <= len(before) < 4
+    assert len(before) == 2 and sum(r["parent_run_id"] is not None for r in before.values()) == 1  # run + branch
 
     spec = SweepSpec.from_dict(spec_dict)
-    result = run_sweep(spec, num_cpus=2, fit=False)
+    log = io.StringIO()
+    result = run_sweep(spec, num_cpus=2, fit=False, out=log)
+    assert "grid: 4 cells, 2 already in the store, 2 to run in 1 trials" in log.getvalue(), log.getvalue()
     after = rows(store)
-    cells = expand(absolute_storage(spec))
     assert set(after) == {c.run_id for c in cells} and result["counts"] == {"completed": 4}
     assert len(glob.glob(str(store / "runs" / "*.parquet"))) == 4  # one row per run, none twice
     for run_id, row in before.items():  # finished before the kill: not trained again
         assert after[run_id]["finished_at"] == row["finished_at"]
     resumed = [r for run_id, r in after.items() if run_id not in before and r["restarts"] >= 1]
-    assert resumed, "the interrupted run should have resumed from its checkpoint"
+    assert len(resumed) == 2, "the interrupted run and its branch should come from its checkpoint"
+    (branch,) = [r for r in resumed if r["parent_run_id"] is not None]
+    assert branch["tokens"] < after[branch["parent_run_id"]]["tokens"] and branch["budget_compute"] == small
+    assert 0 < branch["compute_spent"] < branch["compute"]  # only its cooldown was extra
+
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))}
+    log = io.StringIO()
+    assert run_sweep(spec, num_cpus=2, fit=False, out=log)["counts"] == {"completed": 4}
+    assert "grid: 4 cells, 4 already in the store, 0 to run" in log.getvalue(), log.getvalue()
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))} == mtimes
 
 
 def test_fit_stage_writes_the_law_next_to_the_results(tmp_path):

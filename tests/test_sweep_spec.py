@@ -162,6 +162,12 @@ def test_tuned_lr_plan_uses_the_search_cell():
     ({"model": {"family": "tiny", "r": 2}}, "model.r"),
     ({"concurrency": 0}, "concurrency"),
     ({"colour": "blue"}, "spec.colour"),
+    ({"seed_noise": {"budget": 3e10}}, "seed_noise.budget"),
+    ({"seed_noise": {"width": 48}}, "seed_noise.width"),
+    ({"seed_noise": {"r": 8}}, "seed_noise.r"),
+    ({"seed_noise": {"seeds": [0]}}, "seed_noise.seeds"),
+    ({"seed_noise": {"tries": 2}}, "seed_noise.tries"),
+    ({"variants": {"seed_noise": {}}}, "variants"),
 ])
 def test_bad_specs_name_the_field(change, field):
     with pytest.raises(ValueError) as err:
@@ -222,3 +228,24 @@ def test_wsd_grid_trains_each_width_and_r_once_with_cooldown_branches():
 
     linear = expand(SweepSpec.from_dict(small_spec()))
     assert [run for run, _ in trials(linear, set())] == [c.run for c in linear]  # one trial per cell
+
+
+def test_seed_noise_adds_other_seeds_of_one_baseline_cell_outside_the_fit():
+    from tuning.grid import trials
+
+    spec = SweepSpec.from_dict(small_spec(seed_noise={"seeds": [1, 2]}))
+    cells = expand(spec)
+    base_cells = expand(SweepSpec.from_dict(small_spec()))
+    extra = [c for c in cells if c.variant == "seed_noise"]
+    assert cells[:len(base_cells)] == base_cells and len(extra) == 2
+    # defaults: the smallest budget, the middle of its widths, the smallest r
+    (base,) = [c for c in base_cells if c.compute == 2.0e10 and c.width == 32 and c.r == 1]
+    for seed, c in zip((1, 2), extra):
+        assert (c.compute, c.width, c.r, c.run.seed) == (base.compute, base.width, base.r, seed)
+        assert c.run.replace(seed=0, variant=base.variant) == base.run  # only the seed (and the label) differ
+        assert c.run_id != base.run_id
+    assert len({c.run_id for c in cells}) == len(cells)
+    wsd = small_spec(seed_noise={}, recipe={**small_spec()["recipe"], "optim": {"schedule": "wsd"}})
+    cells = expand(SweepSpec.from_dict(wsd))
+    (noise,) = [run for run, c in trials(cells, set()) if c.variant == "seed_noise"]
+    assert noise.horizons is None and noise.seed == 1  # trained alone, not as a branch of a larger budget

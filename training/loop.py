@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -44,11 +45,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if summary is not None:  # the group restarted after the run had finished: nothing left to do
             return summary
 
+    t0 = time.perf_counter()
     scalars = Scalars(f"{storage_root(cfg)}/tensorboard/{cfg.run_id}" if rank == 0 else None)
     trainer = Trainer(cfg, config["data_dir"], rank, world, device, scalars)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.restore(folder)
+    trainer.state.setup_seconds += time.perf_counter() - t0  # after the restore, which brings the earlier total
 
     def report(metrics: dict, with_checkpoint: bool, summary: dict | None) -> None:
         if not with_checkpoint:

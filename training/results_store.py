@@ -68,7 +68,12 @@ RUN_SCHEMA = pa.schema([
     pa.field("val_bpb", pa.float64(), metadata={"doc": "final held-out bits per byte"}),
     pa.field("train_loss", pa.float64()),
     pa.field("steps", pa.int64()),
-    pa.field("wall_seconds", pa.float64()),
+    pa.field("wall_seconds", pa.float64(), metadata={"doc": "the run's wall time from the caller: worker-group "
+                                                           "start to result (a branch: its cooldown and eval)"}),
+    pa.field("train_seconds", pa.float64(), metadata={"doc": "optimizer steps, cooldown branches included"}),
+    pa.field("setup_seconds", pa.float64(), metadata={"doc": "building model, engine and loader (and restores)"}),
+    pa.field("eval_seconds", pa.float64(), metadata={"doc": "held-out evaluation: periodic, branch, depth"}),
+    pa.field("checkpoint_seconds", pa.float64(), metadata={"doc": "checkpoint saves and branch snapshots"}),
     pa.field("tokens_per_second", pa.float64()),
     pa.field("mfu", pa.float64()),
     pa.field("restarts", pa.int64(), metadata={"doc": "worker-group restarts resumed from a checkpoint"}),

@@ -115,6 +115,8 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
         "val_loss": nan(summary.get("val_loss")), "val_bpb": nan(summary.get("val_bpb")),
         "train_loss": nan(summary.get("train_loss")), "steps": steps, "wall_seconds": float(wall_seconds),
         "tokens_per_second": nan(summary.get("tokens_per_second")), "mfu": nan(summary.get("mfu")),
+        **{key: nan(summary.get(key)) for key in ("train_seconds", "setup_seconds", "eval_seconds",
+                                                  "checkpoint_seconds")},
         "restarts": int(summary.get("restarts", 0)),
         "seed": cfg.seed, "lr": cfg.optim.lr, "batch_tokens": cfg.batch_tokens, "zero_stage": cfg.zero_stage,
         "num_workers": cfg.num_workers, "config": json.dumps(cfg.to_dict(), sort_keys=True),

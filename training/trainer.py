@@ -61,8 +61,13 @@ class TrainState:
     window_losses: list = field(default_factory=list)  # recent logged train losses (spike guard)
     since_eval: list = field(default_factory=list)  # logged train losses since the last eval
     restarts: int = 0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # optimizer steps, cooldown branches' included (the compile window excluded)
     train_tokens_timed: int = 0
+    # Where the rest of the worker's time goes (rank 0's clock; summed over restarts): building model, engine and
+    # loader (and restoring), evaluation (periodic, branch, depth), checkpoint saves (branch snapshots included).
+    setup_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
     val_loss: float | None = None
     val_bpb: float | None = None
     rng: str = ""  # torch CPU generator state (r sampling), base64
@@ -76,6 +81,10 @@ class TrainState:
     def from_dict(cls, data: dict[str, Any]) -> "TrainState":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# TrainState fields that describe the run's history, not its position: a branch's rewind leaves them alone.
+_ACCOUNTING = ("restarts", "train_seconds", "train_tokens_timed", "setup_seconds", "eval_seconds", "checkpoint_seconds")
 
 
 def _rng_state() -> str:
@@ -225,25 +234,35 @@ class Trainer:
 
         cfg, start = self.cfg, self.state.step
         snapshot = Path(tempfile.gettempdir()) / f"looplaw-branch-{cfg.run_id}-{horizon}"  # same on a node's ranks
-        self.save(str(snapshot))
         t0 = time.perf_counter()
+        self.save(str(snapshot))
+        t1 = time.perf_counter()
         total = torch.zeros(2, device=self.device)
         for step in range(start, horizon):
             apply_lr(self.engine.optimizer, cfg.optim.lr_multiplier(step, horizon))
             total[0] += self.train_step()
             total[1] += 1
         train_loss = float(global_sum(total)[0]) / (self.world * (horizon - start))
+        t2 = time.perf_counter()
         val = self.evaluate() if math.isfinite(train_loss) else math.nan
+        t3 = time.perf_counter()
+        self.state.checkpoint_seconds += t1 - t0
+        self.state.train_seconds += t2 - t1
+        self.state.train_tokens_timed += (horizon - start) * cfg.batch_tokens
+        self.state.eval_seconds += t3 - t2
         result = {"steps": horizon, "tokens": horizon * cfg.batch_tokens, "cooldown_steps": horizon - start,
                   "train_loss": train_loss, "val_loss": val,
                   "val_bpb": bits_per_byte(val, self.meta) if math.isfinite(val) else math.nan,
                   "status": "completed" if math.isfinite(val) else "diverged",
-                  "seconds": time.perf_counter() - t0}
+                  "seconds": t3 - t0, "train_seconds": t2 - t1, "eval_seconds": t3 - t2,
+                  "checkpoint_seconds": t1 - t0}
         self.batches.close()
         self.batches = None
-        restarts = self.state.restarts
+        kept = {name: getattr(self.state, name) for name in _ACCOUNTING}
+        t1 = time.perf_counter()
         self.restore(str(snapshot))
-        self.state.restarts = restarts
+        vars(self.state).update(kept)  # the snapshot rewinds the run, not the clocks or the restart count
+        self.state.checkpoint_seconds += time.perf_counter() - t1
         self.start_batches()
         if _distributed():
             dist.barrier()  # every rank has read the snapshot
@@ -275,6 +294,7 @@ class Trainer:
                 self.scalars.log(state.step, **name_values)
 
         def run_eval() -> None:
+            t0 = time.perf_counter()
             val = self.evaluate()
             state.val_loss, state.val_bpb = val, bits_per_byte(val, self.meta)
             train = sum(state.since_eval) / len(state.since_eval) if state.since_eval else math.nan
@@ -285,6 +305,7 @@ class Trainer:
             log({"val/loss": val, "val/bpb": state.val_bpb})
             if self.scalars is not None and cfg.model.r > 1:
                 self.scalars.log_state_norms(state.step, self.state_norms())
+            state.eval_seconds += time.perf_counter() - t0
 
         if state.step == 0 and not state.curve:
             run_eval()  # the untrained loss anchors the curve
@@ -347,7 +368,10 @@ class Trainer:
                     if do_eval:
                         run_eval()
                     if do_eval or do_checkpoint:
+                        t0 = time.perf_counter()
                         report(dict(metrics), do_checkpoint, None)
+                        if do_checkpoint:
+                            state.checkpoint_seconds += time.perf_counter() - t0
                     window_start = time.perf_counter()  # eval and checkpoint time is not training time
         except Diverged as exc:
             diverged_reason = str(exc)
@@ -356,7 +380,9 @@ class Trainer:
 
         diverged = diverged_reason is not None
         # Test-time depth (evaluation only): the finished model's held-out loss at each of cfg.depths.
+        t0 = time.perf_counter()
         depths = [] if diverged else self.evaluate_depths()
+        state.eval_seconds += time.perf_counter() - t0
         if state.train_seconds == 0 and first_window is not None:
             state.train_seconds, state.train_tokens_timed = first_window
         seconds = state.train_seconds
@@ -373,6 +399,9 @@ class Trainer:
             "mfu": mfu(flops, tokens_per_second, self.peak * world),
             "restarts": state.restarts,
             "train_seconds": seconds,
+            "setup_seconds": state.setup_seconds,
+            "eval_seconds": state.eval_seconds,
+            "checkpoint_seconds": state.checkpoint_seconds,
             "curve": state.curve,
             "depths": depths,
             "branches": state.branches,

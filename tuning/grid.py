@@ -18,6 +18,7 @@ from training.config import RunConfig
 from tuning.spec import SweepSpec, Variant, micro_batch_at
 
 LR_SEARCH_VARIANT = "lr_search"
+SEED_NOISE_VARIANT = "seed_noise"
 
 _FUNCS = {"ceil": math.ceil, "floor": math.floor, "min": min, "max": max, "round": round, "int": int,
           "sqrt": math.sqrt, "log2": math.log2}
@@ -197,7 +198,27 @@ def expand(spec: SweepSpec, plan: LRPlan | None = None) -> list[Cell]:
                         continue
                     seen.add(run.run_id)
                     cells.append(Cell(compute=budget.compute, width=width, r=r, variant=variant.name, run=run))
-    return cells
+    return cells + seed_noise_cells(spec, cells)
+
+
+def seed_noise_cells(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
+    """The spec's extra seeds of one baseline cell (variant `seed_noise`); none without a seed_noise section."""
+    noise = spec.seed_noise
+    if noise is None:
+        return []
+    base = seed_noise_base(spec, cells)
+    return [Cell(compute=base.compute, width=base.width, r=base.r, variant=SEED_NOISE_VARIANT,
+                 run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT)) for seed in noise.seeds]
+
+
+def seed_noise_base(spec: SweepSpec, cells: list[Cell]) -> Cell:
+    noise = spec.seed_noise
+    base = next((c for c in cells if c.variant == spec.baseline.name and c.width == noise.width and c.r == noise.r
+                 and math.isclose(c.compute, noise.budget, rel_tol=1e-9)), None)
+    if base is None:
+        fail("seed_noise", f"the baseline variant {spec.baseline.name!r} has no cell at budget {noise.budget:g}, "
+             f"width {noise.width}, r {noise.r}", "pick a cell the baseline trains")
+    return base
 
 
 def trials(cells: list[Cell], done: set[str]) -> list[tuple[RunConfig, Cell]]:

@@ -307,6 +307,40 @@ class Adaptive:
 
 
 @dataclass(frozen=True)
+class SeedNoise:
+    """More seeds of one baseline cell, stored as variant `seed_noise` (outside the fit): the run-to-run spread that
+    the law's residuals and phi's interval are read against. Defaults: the smallest budget, the middle of its
+    widths, the smallest r, one extra seed."""
+    budget: float | None = None
+    width: int | None = None
+    r: int | None = None
+    seeds: tuple[int, ...] = (1,)
+
+    @classmethod
+    def from_dict(cls, d: Any, budgets: tuple[Budget, ...], r_values: tuple[int, ...], seed: int) -> "SeedNoise":
+        d = _mapping("seed_noise", d, tuple(f.name for f in dataclasses.fields(cls)))
+        budget = min(budgets, key=lambda b: b.compute)
+        if d.get("budget") is not None:
+            compute = number("seed_noise.budget", d["budget"], parse=True)
+            budget = next((b for b in budgets if math.isclose(b.compute, compute, rel_tol=1e-9)), None)
+            if budget is None:
+                fail("seed_noise.budget", f"{compute:g} is not one of the budgets {[b.compute for b in budgets]}",
+                     "pick a compute value from budgets:")
+        widths = sorted(budget.widths)
+        width = widths[len(widths) // 2] if d.get("width") is None else integer("seed_noise.width", d["width"])
+        if width not in widths:
+            fail("seed_noise.width", f"{width} is not a width of budget {budget.compute:g} ({widths})",
+                 "pick one of that budget's widths")
+        r = min(r_values) if d.get("r") is None else integer("seed_noise.r", d["r"])
+        if r not in r_values:
+            fail("seed_noise.r", f"{r} is not in r {list(r_values)}", "pick one of the sweep's r values")
+        seeds = _int_list("seed_noise.seeds", d["seeds"]) if "seeds" in d else (seed + 1,)
+        if seed in seeds:
+            fail("seed_noise.seeds", f"lists the recipe's own seed {seed}", "list other seeds, e.g. [1, 2]")
+        return cls(budget=budget.compute, width=width, r=r, seeds=seeds)
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     storage: str
@@ -321,9 +355,10 @@ class SweepSpec:
     concurrency: int | None = None  # trials at once; None ("auto") = cluster resources / per-trial resources
     fit: FitOptions = field(default_factory=FitOptions)
     adaptive: Adaptive | None = None  # None: run the whole grid
+    seed_noise: SeedNoise | None = None  # None: one seed per cell
 
     TOP = ("name", "storage", "data", "model", "budgets", "r", "variants", "recipe", "lr", "resources",
-           "concurrency", "fit", "adaptive")
+           "concurrency", "fit", "adaptive", "seed_noise")
 
     @property
     def recipe_dict(self) -> dict[str, Any]:
@@ -376,6 +411,9 @@ class SweepSpec:
         for vname, vd in variants_raw.items():
             if not isinstance(vname, str) or not vname.replace("_", "").replace("-", "").isalnum():
                 fail("variants", f"name {vname!r} must be a word", "use names like baseline, truncated")
+            if vname in ("seed_noise", "lr_search"):
+                fail("variants", f"{vname!r} is the label of the sweep's own {vname.replace('_', ' ')} runs",
+                     "name the variant otherwise")
             v = Variant.from_dict(vname, vd)
             for r in v.r or ():
                 if r not in r_values:
@@ -409,7 +447,9 @@ class SweepSpec:
                    lr=LRRule.from_dict(lr),
                    resources=Resources.from_dict(d.get("resources")), concurrency=concurrency,
                    fit=FitOptions.from_dict(d.get("fit")),
-                   adaptive=None if d.get("adaptive") is None else Adaptive.from_dict(d["adaptive"]))
+                   adaptive=None if d.get("adaptive") is None else Adaptive.from_dict(d["adaptive"]),
+                   seed_noise=None if d.get("seed_noise") is None else SeedNoise.from_dict(
+                       d["seed_noise"], budgets, r_values, integer("recipe.seed", recipe.get("seed", 0), minimum=0)))
         if spec.adaptive is not None:
             if len(variants) > 1:
                 names = [v.name for v in variants]

@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a plain script: make tuning/, training/, models/ importable
     sys.path.insert(0, str(REPO))
 
+from training import results_store  # noqa: E402
 from training.ray_session import ray_session  # noqa: E402
 from tuning.interrupt import Interrupt, InterruptStopper, SweepInterrupted  # noqa: E402
 from tuning.grid import Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, validate  # noqa: E402
@@ -127,8 +129,6 @@ def summary_of_study(study: Any, out=sys.stdout) -> None:
 # ---- stage 2: the grid ---------------------------------------------------------------------------------------------
 def report_quarantined(store: str, out=sys.stdout) -> None:
     """Name the run files the store reader moved aside: their cells have no row, so the grid trains them again."""
-    from training import results_store
-
     bad = results_store.quarantined(store)
     if bad:
         print(f"store: {len(bad)} unreadable run file(s) moved to runs/_quarantine/ (a cell without a readable row "
@@ -139,8 +139,6 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
     """A grid cell identical to an LR-search run (same run id: the search cell at the best LR) is copied from the
     search store, relabelled, instead of being trained again."""
     import json
-
-    from training import results_store
 
     search = search_storage(spec)
     copied = 0
@@ -222,6 +220,7 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
         return None
     print(f"fit ({base}, {law.n_runs} runs):\n{law.summary()}", file=out, flush=True)
     law.save(folder / "law.json")
+    report_isoflop_optima(spec, law, out)
     for v in spec.variants:
         if v.name == base or law.phi is None:
             continue
@@ -241,6 +240,51 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
     print(f"fit: law written to {spec.storage.rstrip('/')}/law.json, plots in {spec.storage.rstrip('/')}/plots/",
           file=out, flush=True)
     return law
+
+
+def seed_noise_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, Any] | None:
+    """The final loss of one cell under several seeds, and their spread (sample sd), when the spec asks for it."""
+    if spec.seed_noise is None:
+        return None
+    from tuning.grid import seed_noise_base, seed_noise_cells
+
+    base = seed_noise_base(spec, cells)
+    runs = [base] + seed_noise_cells(spec, cells)
+    rows = [results_store.read_run(spec.storage, c.run_id) for c in runs]
+    losses = {c.run.seed: row["val_loss"] for c, row in zip(runs, rows)
+              if row is not None and row["status"] == "completed"}
+    if len(losses) < 2:
+        print(f"seed noise: {len(losses)} of {len(runs)} seeds of {base.label} stored; nothing to compare",
+              file=out, flush=True)
+        return None
+    values = list(losses.values())
+    sd = statistics.stdev(values)
+    mean = statistics.fmean(values)
+    listed = ", ".join(f"{v:.4f} (seed {k})" for k, v in losses.items())
+    print(f"seed noise at {base.label}: val_loss {listed}; sd {sd:.4f} nats = {sd / mean:.2%} of the loss",
+          file=out, flush=True)
+    return {"cell": base.label, "losses": losses, "sd": sd, "relative_sd": sd / mean}
+
+
+def report_isoflop_optima(spec: SweepSpec, law: Any, out=sys.stdout) -> list[dict[str, Any]]:
+    """The law's compute-optimal width at each budget (per r): the grid pins the parameter term only where it
+    brackets that width."""
+    from analysis.sweep_plan import isoflop_optima
+
+    optima = isoflop_optima(spec, law)
+    by_budget: dict[float, list[dict]] = {}
+    for o in optima:
+        by_budget.setdefault(o["budget"], []).append(o)
+    for budget, rows in by_budget.items():
+        widths = " ".join(f"r={o['r']}:{o['width']}" for o in rows)
+        print(f"  compute-optimal width at C={budget:.3g} (law): {widths}  (grid {rows[0]['grid']})", file=out,
+              flush=True)
+    outside = [o for o in optima if not o["interior"]]
+    if outside:
+        where = ", ".join(f"C={o['budget']:.3g} r={o['r']} (width {o['width']})" for o in outside)
+        print(f"  WARNING: the law's compute-optimal width is at the edge of the grid's widths at {where}: move "
+              "that budget's widths toward it so its IsoFLOP curve has an interior minimum", file=out, flush=True)
+    return optima
 
 
 def depth_stage(spec: SweepSpec, out=sys.stdout) -> list[dict[str, Any]]:
@@ -310,9 +354,11 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
             fit_stage(spec, out)
         raise
     print(f"grid result: {counts}", file=out, flush=True)
+    noise = seed_noise_stage(spec, cells, out)
     law = fit_stage(spec, out) if fit else None
     depth = depth_stage(spec, out) if fit else []
-    result = {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth}
+    result = {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth,
+              "seed_noise": noise}
     return result if adaptive is None else {**result, "adaptive": adaptive}
 
 

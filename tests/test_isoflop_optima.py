@@ -1,0 +1,47 @@
+"""The law's compute-optimal width per budget, searched over every valid width of a budget's range: the check that
+a sweep's IsoFLOP curves have interior minima (tuning.sweep.report_isoflop_optima, analysis.sweep_plan)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from analysis import ScalingLaw
+from analysis.sweep_plan import isoflop_optima
+from tuning.spec import SweepSpec
+from tuning.sweep import report_isoflop_optima
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_study_grid_brackets_the_study_law_optimum_at_every_budget():
+    spec = SweepSpec.from_yaml(ROOT / "tuning" / "configs" / "reference.yaml")
+    optima = isoflop_optima(spec, ScalingLaw.reference())
+    assert len(optima) == len(spec.budgets) * len(spec.r)
+    assert all(o["interior"] for o in optima), [o for o in optima if not o["interior"]]
+    # The optimum grows with the budget (for every r), as an IsoFLOP analysis must find.
+    for r in spec.r:
+        widths = [o["width"] for o in optima if o["r"] == r]
+        assert widths == sorted(widths) and widths[-1] > widths[0]
+    # Each is the lowest prediction over the searched range, not just over the grid's own widths.
+    o = optima[0]
+    assert min(o["grid"]) < o["width"] < max(o["grid"])
+
+
+def test_a_grid_that_misses_the_optimum_is_named_with_a_warning():
+    spec = SweepSpec.from_yaml(ROOT / "tuning" / "configs" / "reference.yaml")
+    budgets = [{"compute": b.compute, "widths": [w + 30 for w in b.widths]} for b in spec.budgets]
+    shifted = SweepSpec.from_dict({**_spec_dict(ROOT / "tuning" / "configs" / "reference.yaml"), "budgets": budgets})
+    out = io.StringIO()
+    optima = report_isoflop_optima(shifted, ScalingLaw.reference(), out)
+    assert not any(o["interior"] for o in optima)
+    assert all(o["width"] == min(o["grid"]) for o in optima)  # too wide everywhere: the smallest width wins
+    text = out.getvalue()
+    assert "WARNING" in text and "edge of the grid's widths" in text and "C=4.64e+17 r=1" in text
+
+
+def _spec_dict(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
