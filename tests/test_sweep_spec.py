@@ -73,14 +73,25 @@ def test_micro_batch_steps_with_width():
         expand(SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {48: 8}})))
 
 
-def test_laptop_config_fits_two_cores():
+def test_laptop_config_fits_two_cores_and_is_designed_to_identify_phi():
+    from tuning.grid import trials
+
     spec = SweepSpec.from_yaml(CONFIGS / "laptop.yaml")
     cells = validate(spec)
-    assert set(spec.r) == {1, 2, 4, 8}
-    assert len(spec.budgets) >= 3 and all(len(b.widths) >= 2 for b in spec.budgets)
-    assert len(cells) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
+    assert len(spec.r) >= 3 and set(spec.r) <= {1, 2, 4, 8}
+    computes = [b.compute for b in spec.budgets]
+    assert len(computes) >= 3 and max(computes) >= 10 * min(computes)  # budgets span at least 10x
+    assert all(len(b.widths) >= 3 for b in spec.budgets)  # room for an interior IsoFLOP minimum
+    baseline = [c for c in cells if c.variant == "baseline"]
+    assert len(baseline) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
+    assert [c.variant for c in cells if c not in baseline] == ["seed_noise"]  # two seeds of one cell
     assert spec.resources.per_trial["CPU"] <= 2 and not spec.resources.gpus_per_worker
     assert all(c.run.model.d_model <= 128 for c in cells)
+    # wsd: one trained run per (width, r); the smaller budgets of a width are its cooldown branches
+    runs = trials(cells, set())
+    widths = {w for b in spec.budgets for w in b.widths}
+    assert len(runs) == len(widths) * len(spec.r) + 1
+    assert sum(len(run.horizons or ()) + 1 for run, _ in runs) == len(cells)
 
 
 def test_grid_cells_carry_budget_width_r_and_labels():
