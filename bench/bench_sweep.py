@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tuning.interrupt import SweepInterrupted  # noqa: E402
 from tuning.spec import SweepSpec  # noqa: E402
 from tuning.sweep import DEFAULT_CONFIG, absolute_storage, run_sweep  # noqa: E402
 
@@ -77,7 +78,10 @@ def main() -> int:
     spec = absolute_storage(SweepSpec.from_yaml(args.config).replace(storage=store))
     t0 = time.perf_counter()
     try:
-        result = run_sweep(spec, num_cpus=args.num_cpus)
+        try:
+            result = run_sweep(spec, num_cpus=args.num_cpus)
+        except SweepInterrupted as exc:  # the sweep printed how far it got; a partial sweep measures nothing
+            return exc.exit_code
         wall = time.perf_counter() - t0
         law = result["law"]
         print(f"\nbench_sweep: {spec.name}: {len(result['cells'])} cells {result['counts']}, best LR "

@@ -73,12 +73,22 @@ def test_micro_batch_steps_with_width():
         expand(SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {48: 8}})))
 
 
-def test_laptop_config_fits_two_cores_and_is_designed_to_identify_phi():
-    from tuning.grid import trials
-
+def test_laptop_config_fits_two_cores():
     spec = SweepSpec.from_yaml(CONFIGS / "laptop.yaml")
     cells = validate(spec)
-    assert len(spec.r) >= 3 and set(spec.r) <= {1, 2, 4, 8}
+    assert set(spec.r) == {1, 2, 4, 8}
+    assert len(spec.budgets) >= 3 and all(len(b.widths) >= 2 for b in spec.budgets)
+    assert len(cells) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
+    assert spec.resources.per_trial["CPU"] <= 2 and not spec.resources.gpus_per_worker
+    assert all(c.run.model.d_model <= 128 for c in cells)
+
+
+def test_laptop_isoflop_config_is_an_isoflop_design_with_branches_and_seed_noise():
+    from tuning.grid import trials
+
+    spec = SweepSpec.from_yaml(CONFIGS / "laptop_isoflop.yaml")
+    cells = validate(spec)
+    assert len(spec.r) >= 3
     computes = [b.compute for b in spec.budgets]
     assert len(computes) >= 3 and max(computes) >= 10 * min(computes)  # budgets span at least 10x
     assert all(len(b.widths) >= 3 for b in spec.budgets)  # room for an interior IsoFLOP minimum
@@ -86,7 +96,6 @@ def test_laptop_config_fits_two_cores_and_is_designed_to_identify_phi():
     assert len(baseline) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
     assert [c.variant for c in cells if c not in baseline] == ["seed_noise"]  # two seeds of one cell
     assert spec.resources.per_trial["CPU"] <= 2 and not spec.resources.gpus_per_worker
-    assert all(c.run.model.d_model <= 128 for c in cells)
     # wsd: one trained run per (width, r); the smaller budgets of a width are its cooldown branches
     runs = trials(cells, set())
     widths = {w for b in spec.budgets for w in b.widths}
@@ -253,7 +262,8 @@ def test_seed_noise_adds_other_seeds_of_one_baseline_cell_outside_the_fit():
     (base,) = [c for c in base_cells if c.compute == 2.0e10 and c.width == 32 and c.r == 1]
     for seed, c in zip((1, 2), extra):
         assert (c.compute, c.width, c.r, c.run.seed) == (base.compute, base.width, base.r, seed)
-        assert c.run.replace(seed=0, variant=base.variant) == base.run  # only the seed (and the label) differ
+        assert c.run.replace(seed=0, variant=base.variant, name=base.run.name) == base.run  # only seed and labels differ
+        assert c.run.name.endswith(f"seed{seed}") and "seed_noise" in c.run.name
         assert c.run_id != base.run_id
     assert len({c.run_id for c in cells}) == len(cells)
     wsd = small_spec(seed_noise={}, recipe={**small_spec()["recipe"], "optim": {"schedule": "wsd"}})

@@ -208,7 +208,10 @@ def seed_noise_cells(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
         return []
     base = seed_noise_base(spec, cells)
     return [Cell(compute=base.compute, width=base.width, r=base.r, variant=SEED_NOISE_VARIANT,
-                 run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT)) for seed in noise.seeds]
+                 run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT,
+                                      name=f"{spec.name}-{SEED_NOISE_VARIANT}-C{base.compute:.3g}-w{base.width}-r{base.r}"
+                                           f"-seed{seed}"))
+            for seed in noise.seeds]
 
 
 def seed_noise_base(spec: SweepSpec, cells: list[Cell]) -> Cell:
