@@ -361,6 +361,8 @@ def test_ray_job_stop_ends_the_sweep_leaving_no_trial_running(cluster, tmp_path)
     import yaml
     from optuna.trial import TrialState
 
+    from optuna_file import trial_states
+
     spec = yaml.safe_load(SWEEP_SPEC)
     spec["lr"] = {"rule": "tuned", "search": {"trials": 1, "low": 1.0e-3, "high": 3.0e-2, "width": 32, "r": 1}}
     work = _checkout(tmp_path)
@@ -372,16 +374,8 @@ def test_ray_job_stop_ends_the_sweep_leaving_no_trial_running(cluster, tmp_path)
 
     db = store / "optuna.db"
 
-    def trials() -> list:
-        if not db.exists():  # the driver creates it; reading must not
-            return []
-        try:
-            return optuna.load_study(study_name=f"{spec['name']}-lr", storage=f"sqlite:///{db}").get_trials()
-        except KeyError:
-            return []
-
     deadline = time.monotonic() + 300
-    while not [t for t in trials() if t.state == TrialState.RUNNING]:
+    while "RUNNING" not in [state for _, state in trial_states(db, f"{spec['name']}-lr")]:
         assert time.monotonic() < deadline, cluster.job("logs", job_id).stdout[-4000:]
         time.sleep(0.5)
     cluster.job("stop", job_id)  # returns once the job has ended
@@ -390,6 +384,6 @@ def test_ray_job_stop_ends_the_sweep_leaving_no_trial_running(cluster, tmp_path)
     logs = cluster.job("logs", job_id).stdout
     assert "SIGTERM: stopping the sweep" in logs and "Traceback" not in logs, logs[-4000:]
     assert "interrupted: lr search 0 of 1 trials done, grid not started; rerun the same command to resume" in logs
-    (interrupted, queued) = trials()
+    (interrupted, queued) = optuna.load_study(study_name=f"{spec['name']}-lr", storage=f"sqlite:///{db}").get_trials()
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["interrupted"], logs[-4000:]
     assert queued.state == TrialState.WAITING  # its LR, for the rerun

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from optuna_file import trial_states
 from training import results_store
 from training.ray_session import processes_of
 from tuning.spec import SweepSpec
@@ -86,13 +87,7 @@ class Driver:
 
 
 def running_trials(storage: str, study: str) -> list[int]:
-    if not Path(storage.removeprefix("sqlite:///")).exists():  # the driver creates it; reading must not
-        return []
-    try:
-        trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
-    except KeyError:  # not created yet
-        return []
-    return [t.number for t in trials]
+    return [n for n, state in trial_states(Path(storage.removeprefix("sqlite:///")), study) if state == "RUNNING"]
 
 
 def stored_ids(store: Path) -> list[str]:
