@@ -119,10 +119,15 @@ def run_config(spec: SweepSpec, *, compute: float, width: int, r: int, variant: 
             "storage": storage or spec.storage,
             "sweep": sweep_label or spec.name,
             "variant": variant.name,
-            "name": f"{spec.name}-{variant.name}-C{compute:.3g}-w{width}-r{r}",
+            "name": run_name(spec, variant.name, compute, width, r),
         })
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def run_name(spec: SweepSpec, variant: str, compute: float, width: int, r: int) -> str:
+    """A cell's human-readable run name (the run id is the hash; this is what logs and folders show)."""
+    return f"{spec.name}-{variant}-C{compute:.3g}-w{width}-r{r}"
 
 
 def round_lr(lr: float) -> float:
@@ -209,7 +214,7 @@ def seed_noise_cells(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
     base = seed_noise_base(spec, cells)
     return [Cell(compute=base.compute, width=base.width, r=base.r, variant=SEED_NOISE_VARIANT,
                  run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT,
-                                      name=f"{spec.name}-{SEED_NOISE_VARIANT}-C{base.compute:.3g}-w{base.width}-r{base.r}"
+                                      name=f"{run_name(spec, SEED_NOISE_VARIANT, base.compute, base.width, base.r)}"
                                            f"-seed{seed}"))
             for seed in noise.seeds]
 
