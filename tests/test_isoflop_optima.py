@@ -45,3 +45,26 @@ def _spec_dict(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+# The law the default sweep fitted (tuning/configs/laptop.yaml on the 2-core dev machine, 2026-11-23; README, "The
+# sweep"): the grid must bracket its compute-optimal width, and a sweep of that grid must fit a law that says so.
+MEASURED_LAPTOP_LAW = ScalingLaw(E=3.48276, A=263.750, alpha=0.676737, B=8248.92, beta=0.771742,
+                                 phi=0.887673)
+
+
+def test_a_sweep_of_the_default_grid_fits_a_law_with_an_interior_optimum_at_every_budget():
+    import pandas as pd
+
+    from analysis import fit_law
+    from analysis.synthetic import planted_row
+    from tuning.grid import expand
+
+    spec = SweepSpec.from_yaml(ROOT / "tuning" / "configs" / "laptop.yaml")
+    cells = [c for c in expand(spec) if c.variant == spec.baseline.name]
+    rows = pd.DataFrame([planted_row(MEASURED_LAPTOP_LAW, c.run, noise=0.01) for c in cells])
+    law = fit_law(rows, bootstrap=0, extrapolation=False, profile=False)
+    assert -1 < law.phi < 1.5 and not law.meta.get("warning")
+    optima = isoflop_optima(spec, law)
+    assert len(optima) == len(spec.budgets) * len(spec.r)
+    assert all(o["interior"] for o in optima), [o for o in optima if not o["interior"]]

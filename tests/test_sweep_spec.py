@@ -73,8 +73,8 @@ def test_micro_batch_steps_with_width():
         expand(SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {48: 8}})))
 
 
-def test_laptop_config_fits_two_cores():
-    spec = SweepSpec.from_yaml(CONFIGS / "laptop.yaml")
+def test_quick_config_fits_two_cores():
+    spec = SweepSpec.from_yaml(CONFIGS / "quick.yaml")
     cells = validate(spec)
     assert set(spec.r) == {1, 2, 4, 8}
     assert len(spec.budgets) >= 3 and all(len(b.widths) >= 2 for b in spec.budgets)
@@ -83,10 +83,11 @@ def test_laptop_config_fits_two_cores():
     assert all(c.run.model.d_model <= 128 for c in cells)
 
 
-def test_laptop_isoflop_config_is_an_isoflop_design_with_branches_and_seed_noise():
+def test_default_config_is_an_isoflop_design_with_branches_and_seed_noise():
     from tuning.grid import trials
+    from tuning.sweep import DEFAULT_CONFIG
 
-    spec = SweepSpec.from_yaml(CONFIGS / "laptop_isoflop.yaml")
+    spec = SweepSpec.from_yaml(DEFAULT_CONFIG)
     cells = validate(spec)
     assert len(spec.r) >= 3
     computes = [b.compute for b in spec.budgets]
