@@ -10,7 +10,7 @@ import pytest
 from analysis import ScalingLaw
 from analysis.sweep_plan import isoflop_optima
 from tuning.spec import SweepSpec
-from tuning.sweep import report_isoflop_optima
+from tuning.sweep import DEFAULT_CONFIG, report_isoflop_optima
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_a_sweep_of_the_default_grid_fits_a_law_with_an_interior_optimum_at_ever
     from analysis.synthetic import planted_row
     from tuning.grid import expand
 
-    spec = SweepSpec.from_yaml(ROOT / "tuning" / "configs" / "laptop.yaml")
+    spec = SweepSpec.from_yaml(DEFAULT_CONFIG)
     cells = [c for c in expand(spec) if c.variant == spec.baseline.name]
     rows = pd.DataFrame([planted_row(MEASURED_LAPTOP_LAW, c.run, noise=0.01) for c in cells])
     law = fit_law(rows, bootstrap=0, extrapolation=False, profile=False)
