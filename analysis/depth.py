@@ -28,6 +28,7 @@ RATE_BOUNDS = (1e-2, 10.0)  # per recurrence: slower is a straight line over any
 MIN_POINTS_FOR_CI = 5  # three parameters plus two residual degrees of freedom to resample
 _GRID = np.geomspace(*RATE_BOUNDS, 241)
 _LOG_STEP = float(np.log(_GRID[1] / _GRID[0]))
+NO_EFFECT = 0.002  # nats: a mean gain smaller than this is reported as no effect, not as help or harm
 _AT_BOUND = 1.02  # within 2% of a bound counts as pinned there
 
 
@@ -113,6 +114,8 @@ class DepthFit:
     def note(self) -> str:
         if math.isnan(self.rate):
             return "fewer than 3 depths: no fit"
+        if self.rate >= RATE_BOUNDS[1] / _AT_BOUND:
+            return "saturates within one recurrence: the asymptote is its plateau"
         if self.rate_at_bound:
             return "no saturation in range: asymptote extrapolated"
         if "asymptote" not in self.ci:
@@ -234,7 +237,7 @@ def variant_verdicts(curves: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for name, g in curves.groupby("variant", sort=True):
         mean = float(g["gain"].mean())
-        verdict = "help" if mean > 0 else "hurt" if mean < 0 else "make no difference"
+        verdict = "help" if mean > NO_EFFECT else "hurt" if mean < -NO_EFFECT else "make no measurable difference"
         out.append({"variant": name, "n_runs": len(g), "n_help": int((g["gain"] > 0).sum()), "mean_gain": mean,
                     "verdict": verdict})
     return out

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from . import engine
 from .profile import profile_phi_interval
 from .data import RunTable, load_runs
 from .intervals import DEFAULT_LEVEL, percentile_interval
 from .law import COEFFS, ScalingLaw, derived_quantities
+from .loops import check_loops, check_store, residuals_by_r
+from training.storage import filesystem
+
 from .objective import DEFAULT_DELTA, I_A, I_B, I_E, I_PHI, N_PARAMS, PARAM_NAMES, FitData
 
 FORMS = ("auto", "looped", "dense")
@@ -151,9 +156,36 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         meta["baseline"] = baseline.coefficients
         meta["note"] = "probe: only phi refitted; other coefficients held at the baseline, so intervals reflect phi alone"
     draws = np.column_stack([draw_coeffs[k] for k in COEFFS]) if ok.any() else None
-    return ScalingLaw(E=point["E"], A=point["A"], alpha=point["alpha"], B=point["B"], beta=point["beta"],
-                      phi=None if dense else point["phi"], ci=ci, r2=engine.r_squared(opt.theta, data),
-                      n_runs=len(data), loo=loo, excluded=list(table.excluded), draws=draws, meta=meta)
+    law = ScalingLaw(E=point["E"], A=point["A"], alpha=point["alpha"], B=point["B"], beta=point["beta"],
+                     phi=None if dense else point["phi"], ci=ci, r2=engine.r_squared(opt.theta, data),
+                     n_runs=len(data), loo=loo, excluded=list(table.excluded), draws=draws, meta=meta)
+    _attach_loop_check(law, table, results, variant, spec.n_free)
+    return law
+
+
+def _attach_loop_check(law: ScalingLaw, table: RunTable, results: Any, variant: str | None, n_free: int) -> None:
+    """Per-r residuals, the seed noise and the idle-loop check (analysis.loops) into law.meta, so every report of
+    phi carries the evidence that its loops work."""
+    f = table.frame
+    predicted = law.predict(f["n_once"].to_numpy(float), f["n_rec"].to_numpy(float), f["r"].to_numpy(float),
+                            f["tokens"].to_numpy(float))
+    residual = f["val_loss"].to_numpy(float) - np.asarray(predicted, dtype=float)
+    dof = len(f) - n_free
+    residual_sd = float(np.sqrt((residual ** 2).sum() / dof)) if dof > 0 else float("nan")
+    law.meta["residual_by_r"] = {str(k): v for k, v in residuals_by_r(f, predicted).items()}
+    law.meta["residual_sd"] = residual_sd
+    if law.phi is None:
+        return
+    is_store = isinstance(results, (str, Path)) and _is_store(str(results))
+    check = (check_store(str(results), f, residual_sd, variant) if is_store
+             else check_loops(f, residual_sd=residual_sd, variant=variant))
+    law.meta["loops"] = check.to_dict()
+    law.meta["loops_line"] = check.line()
+
+
+def _is_store(source: str) -> bool:
+    fs, root = filesystem(source)
+    return fs.get_file_info(root.rstrip("/") + "/runs").type == pafs.FileType.Directory
 
 
 def fit_probe(results: Any, baseline: ScalingLaw, variant: str | None = None, bootstrap: int = 1000,

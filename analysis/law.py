@@ -274,8 +274,16 @@ class ScalingLaw:
         unreadable = [e["run"] for e in self.excluded if e.get("quarantined")]
         if unreadable:
             lines.append(f"  {len(unreadable)} unreadable run file(s) moved to runs/_quarantine/: {', '.join(unreadable)}")
+        if self.meta.get("residual_by_r"):
+            by_r = ", ".join(f"r={k}: {v:+.4f}" for k, v in self.meta["residual_by_r"].items())
+            lines.append(f"  mean residual (measured - law) per r: {by_r} nats; residual sd "
+                         f"{self.meta.get('residual_sd', float('nan')):.4f}")
+        if self.meta.get("loops_line"):
+            lines.append(f"  {self.meta['loops_line']}")
         if self.meta.get("warning"):
             lines.append(f"  WARNING: {self.meta['warning']}")
+        if (self.meta.get("loops") or {}).get("warning"):
+            lines.append(f"  WARNING: {self.meta['loops']['warning']}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -127,13 +127,17 @@ class Injection(nn.Module):
             return e  # the study's inject_init_prelude / passthrough: the state starts from the prelude output
         if self.mode == "hyperconnect":
             return e.unsqueeze(0).expand(self.alpha.shape[1], *e.shape).contiguous()  # every lane starts at e
-        return torch.zeros_like(e)  # additive, diagonal: the first block input is exactly (dt*B) e
+        return torch.zeros_like(e)  # additive(_normed), diagonal: the first block input is the injected e alone
 
     def step_input(self, e: torch.Tensor, state: torch.Tensor, i: int) -> torch.Tensor:
         if self.mode == "concat":
             return self.adapter(torch.cat((e, state), dim=-1))
         if self.mode == "additive":
             return state + e
+        if self.mode == "additive_normed":
+            # e on the state's scale: the unnormalised prelude output otherwise outgrows the normed state and the
+            # block recomputes one function of e every recurrence (idle loops, README "Loops that work").
+            return state + rms_norm(e)
         if self.mode == "diagonal":
             dt = F.softplus(self.dt)
             return torch.exp(-dt * torch.exp(self.A_log)) * state + dt * self.B(e)
@@ -175,6 +179,8 @@ class LoopedLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.track_state_norms = True
         self._state_norms: list[torch.Tensor] = []
+        self._state_changes: list[torch.Tensor] = []  # RMS(s_i - s_{i-1}) / RMS(s_{i-1}), i >= 2
+        self._e_rms: torch.Tensor | None = None  # RMS of the prelude output e
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -196,6 +202,14 @@ class LoopedLM(nn.Module):
     def last_state_norms(self) -> list[float]:
         """RMS of the recurrent state after each recurrence of the last forward (for monitoring)."""
         return [float(n) for n in self._state_norms]
+
+    @property
+    def last_loop_stats(self) -> dict[str, object]:
+        """What the last forward's loop did: e's RMS, the state's RMS after each recurrence and its relative change
+        from one recurrence to the next. An idle loop shows a large e / state ratio and changes near zero."""
+        return {"e_rms": math.nan if self._e_rms is None else float(self._e_rms),
+                "state_rms": self.last_state_norms,
+                "state_change": [float(c) for c in self._state_changes]}
 
     def sample_recurrences(self) -> int:
         """Huginn-style r: Poisson with a log-normal rate of the configured mean, clipped to [1, sample_r_max]."""
@@ -237,6 +251,8 @@ class LoopedLM(nn.Module):
         k = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
         track = self.track_state_norms and not torch.compiler.is_compiling()
         norms: list[torch.Tensor] = []
+        changes: list[torch.Tensor] = []
+        previous = None
         state = inj.initial_state(e)
         for i in range(r):
             # Truncated backprop: the first r-k recurrences build no graph, so neither the block nor e
@@ -247,7 +263,13 @@ class LoopedLM(nn.Module):
                     h = block(h, cos, sin)
                 state = inj.step_output(state, self.norm_recur(h), i)
             if track:
-                s = inj.final_state(state).detach()
-                norms.append(s.float().pow(2).mean().sqrt())
-        self._state_norms = norms
+                s = inj.final_state(state).detach().float()
+                norms.append(s.pow(2).mean().sqrt())
+                if previous is not None:
+                    changes.append((s - previous).pow(2).mean().sqrt() / previous.pow(2).mean().sqrt().clamp_min(1e-12))
+                previous = s
+        if track:
+            self._state_norms = norms
+            self._state_changes = changes
+            self._e_rms = e.detach().float().pow(2).mean().sqrt()
         return inj.final_state(state)

@@ -6,6 +6,7 @@ import io
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.cli import main
@@ -65,6 +66,19 @@ def test_points_that_never_saturate_are_flagged_not_trusted():
     r = np.arange(1, 9)
     fit = fit_depth_curve(r, 3.0 - 0.01 * r, trained_r=4, bootstrap=50)
     assert fit.rate_at_bound and "extrapolated" in fit.note
+
+
+def test_a_curve_that_drops_at_once_then_stays_flat_saturated_within_one_recurrence():
+    r = np.arange(1, 9)
+    fit = fit_depth_curve(r, np.where(r == 1, 3.5, 3.0), trained_r=4, bootstrap=0)
+    assert fit.rate >= 9.0 and "saturates within one recurrence" in fit.note and "extrapolated" not in fit.note
+    assert fit.asymptote == pytest.approx(3.0, abs=1e-4)
+
+
+def test_a_zero_mean_gain_is_no_effect_not_help():
+    curves = pd.DataFrame({"variant": ["v"] * 4, "gain": [1e-5, -2e-5, 3e-5, -1e-5]})
+    (verdict,) = variant_verdicts(curves)
+    assert verdict["verdict"] == "make no measurable difference"
 
 
 def test_too_few_depths_give_the_measured_gain_and_no_fit():

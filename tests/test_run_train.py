@@ -76,12 +76,12 @@ def test_tensorboard_scalars(baseline):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "val/loss", "val/bpb", "lr", "grad_norm", "tokens_per_second", "mfu",
-            "state_norm/r0", "state_norm/r1"} <= tags
+            "loop/e_rms", "loop/state_rms/r1", "loop/state_rms/r2", "loop/state_change/r2"} <= tags
     # the loss reaches the host (and TensorBoard) every log_every steps, and at every eval and checkpoint
     flushes = [s for s in range(1, cfg.steps + 1)
                if s % cfg.log_every == 0 or s % cfg.eval_every == 0 or s % cfg.checkpoint_every == 0]
     assert [e.step for e in acc.Scalars("train/loss")] == flushes
-    assert len(acc.Scalars("state_norm/r1")) == len(flushes) + 1  # at every eval, the untrained one included
+    assert len(acc.Scalars("loop/state_rms/r2")) == len(flushes) + 1  # at every eval, the untrained one included
 
 
 def test_zero3_runs(ray_local, tmp_path):
@@ -151,6 +151,11 @@ def test_killed_worker_resumes_exactly_from_checkpoint(baseline, tmp_path):
     base_curve = results_store.read_curve(base_cfg.storage, base_cfg.run_id).to_pandas()
     assert curve.val_loss.tolist() == pytest.approx(base_curve.val_loss.tolist(), rel=1e-5)
     assert row["val_loss"] == pytest.approx(base_row["val_loss"], rel=1e-5)
+    # the loop check's fields are written once, at the end, and a restart does not change them
+    for key in ("loss_r1", "e_rms", "state_rms", "state_change"):
+        assert math.isfinite(row[key]) and row[key] == pytest.approx(base_row[key], rel=1e-5), key
+    depth = results_store.read_depths(cfg.storage, cfg.run_id).to_pandas().set_index("eval_r")
+    assert row["loss_r1"] == depth.loc[1, "val_loss"] and row["val_loss"] == depth.loc[2, "val_loss"]
 
 
 def test_failure_beyond_max_failures_is_recorded_then_retried(ray_local, tmp_path):
@@ -208,5 +213,6 @@ def test_branch_rows_are_written_once_and_survive_a_killed_worker(ray_local, tmp
     assert branch.compute_spent == pytest.approx(cfg.flops_per_token * 1024 * 4)  # its cooldown: 20% of 20 steps
     assert runs.loc[cfg.run_id].compute_spent == pytest.approx(cfg.flops_per_token * 1024 * 34)
     assert math.isfinite(branch.val_loss) and branch.val_loss < math.log(512)
+    assert math.isfinite(branch.loss_r1) and math.isfinite(branch.e_rms) and branch.state_change > 0
     again = execute(cfg)
     assert again["finished_at"] == row["finished_at"] and len(pd.read_parquet(f"{cfg.storage}/runs")) == 2

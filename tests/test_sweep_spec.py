@@ -271,3 +271,11 @@ def test_seed_noise_adds_other_seeds_of_one_baseline_cell_outside_the_fit():
     cells = expand(SweepSpec.from_dict(wsd))
     (noise,) = [run for run, c in trials(cells, set()) if c.variant == "seed_noise"]
     assert noise.horizons is None and noise.seed == 1  # trained alone, not as a branch of a larger budget
+
+
+def test_seed_noise_takes_a_list_of_cells_and_refuses_one_twice():
+    spec = SweepSpec.from_dict(small_spec(seed_noise=[{"seeds": [1, 2]}, {"r": 2, "seeds": [1, 2]}]))
+    extra = [c for c in expand(spec) if c.variant == "seed_noise"]
+    assert [(c.r, c.run.seed) for c in extra] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    with pytest.raises(ValueError, match="seed_noise.*same cell twice"):
+        SweepSpec.from_dict(small_spec(seed_noise=[{"seeds": [1]}, {"seeds": [2]}]))

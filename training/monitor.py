@@ -76,11 +76,16 @@ class Scalars:
             if value is not None:
                 self._writer.add_scalar(key, float(value), step)
 
-    def log_state_norms(self, step: int, norms: Iterable[float]) -> None:
+    def log_loop_stats(self, step: int, stats: dict) -> None:
+        """e's RMS beside the state's RMS per recurrence (and its change between recurrences): an e that outgrows
+        the state is the first sign of an idle loop."""
         if self._writer is None:
             return
-        for i, value in enumerate(norms):
-            self._writer.add_scalar(f"state_norm/r{i}", float(value), step)
+        self._writer.add_scalar("loop/e_rms", float(stats["e_rms"]), step)
+        for i, value in enumerate(stats["state_rms"]):
+            self._writer.add_scalar(f"loop/state_rms/r{i + 1}", float(value), step)
+        for i, value in enumerate(stats["state_change"]):
+            self._writer.add_scalar(f"loop/state_change/r{i + 2}", float(value), step)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -90,6 +90,13 @@ RUN_SCHEMA = pa.schema([
     pa.field("finished_at", _TS),
     # multi-horizon runs (wsd cooldown branches)
     pa.field("parent_run_id", pa.string(), metadata={"doc": "the run a cooldown branch split off (null otherwise)"}),
+    # does the loop work (looped runs; analysis.loops): the same validation tokens at one recurrence, and the loop's
+    # statistics on one validation batch at the end of training
+    pa.field("loss_r1", pa.float64(), metadata={"doc": "held-out loss at one recurrence (loop gain = loss_r1 - val_loss)"}),
+    pa.field("e_rms", pa.float64(), metadata={"doc": "RMS of the prelude output e that each recurrence injects"}),
+    pa.field("state_rms", pa.float64(), metadata={"doc": "RMS of the recurrent state after the last recurrence"}),
+    pa.field("state_change", pa.float64(),
+             metadata={"doc": "mean over recurrences 2..r of RMS(s_i - s_(i-1)) / RMS(s_(i-1))"}),
     pa.field("compute_spent", pa.float64(),
              metadata={"doc": "FLOPs this row's training actually cost: a branch its cooldown, its parent every "
                               "step it trained (branches included)"}),

@@ -125,7 +125,19 @@ def make_row(cfg: RunConfig, summary: dict[str, Any] | None, *, status: str | No
         "started_at": started_at, "finished_at": finished_at,
         "parent_run_id": summary.get("parent_run_id"),
         "compute_spent": training_compute(m, cfg.batch_tokens * int(summary.get("steps_trained", steps))),
+        **loop_columns(summary.get("loop")),
     }
+
+
+def loop_columns(loop: dict[str, Any] | None) -> dict[str, float | None]:
+    """The row's loop-check fields from Trainer.loop_check (None for r = 1 and runs that did not finish)."""
+    if not loop:
+        return {"loss_r1": None, "e_rms": None, "state_rms": None, "state_change": None}
+    changes, states = loop.get("state_change") or [], loop.get("state_rms") or []
+    nan = results_store.finite_or_nan
+    return {"loss_r1": nan(loop.get("loss_r1")), "e_rms": nan(loop.get("e_rms")),
+            "state_rms": nan(states[-1]) if states else None,
+            "state_change": nan(sum(changes) / len(changes)) if changes else None}
 
 
 def _summary_from_checkpoint(checkpoint) -> dict[str, Any] | None:

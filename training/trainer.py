@@ -204,9 +204,9 @@ class Trainer:
         return evaluate_depths(self.engine, self.val_batches, self.cfg.depths, self.device, self.meta)
 
     @torch.no_grad()
-    def state_norms(self) -> list[float]:
-        """RMS of the recurrent state after each recurrence on one validation batch (eager: the compiled graph
-        does not collect them)."""
+    def loop_stats(self) -> dict[str, Any]:
+        """e's RMS, the state's RMS after each recurrence and its relative change, on one validation batch (eager:
+        the compiled graph does not collect them)."""
         module = self.engine.module
         module.track_state_norms, training = True, module.training
         module.eval()
@@ -217,7 +217,14 @@ class Trainer:
         forward(x.to(self.device), y.to(self.device))
         module.track_state_norms = False
         module.train(training)
-        return module.last_state_norms
+        return module.last_loop_stats
+
+    def loop_check(self, depths: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Does the trained loop do anything: held-out loss at one recurrence (from the depth table when it has it)
+        beside the loop's statistics (e's RMS, the state's RMS and change per recurrence)."""
+        at_one = [d["val_loss"] for d in depths if d["eval_r"] == 1]
+        loss_r1 = at_one[0] if at_one else evaluate(self.engine, self.val_batches, self.device, r=1)
+        return {"loss_r1": loss_r1, **self.loop_stats()}
 
     # ---- multi-horizon (wsd cooldown branches) --------------------------------------------------------------
     def _branches_starting_at(self, step: int) -> list[int]:
@@ -245,6 +252,7 @@ class Trainer:
         train_loss = float(global_sum(total)[0]) / (self.world * (horizon - start))
         t2 = time.perf_counter()
         val = self.evaluate() if math.isfinite(train_loss) else math.nan
+        loop = self.loop_check() if math.isfinite(val) and cfg.model.r > 1 else None
         t3 = time.perf_counter()
         self.state.checkpoint_seconds += t1 - t0
         self.state.train_seconds += t2 - t1
@@ -253,7 +261,7 @@ class Trainer:
         result = {"steps": horizon, "tokens": horizon * cfg.batch_tokens, "cooldown_steps": horizon - start,
                   "train_loss": train_loss, "val_loss": val,
                   "val_bpb": bits_per_byte(val, self.meta) if math.isfinite(val) else math.nan,
-                  "status": "completed" if math.isfinite(val) else "diverged",
+                  "status": "completed" if math.isfinite(val) else "diverged", "loop": loop,
                   "seconds": t3 - t0, "train_seconds": t2 - t1, "eval_seconds": t3 - t2,
                   "checkpoint_seconds": t1 - t0}
         self.batches.close()
@@ -304,7 +312,7 @@ class Trainer:
             metrics.update(val_loss=val, val_bpb=state.val_bpb)
             log({"val/loss": val, "val/bpb": state.val_bpb})
             if self.scalars is not None and cfg.model.r > 1:
-                self.scalars.log_state_norms(state.step, self.state_norms())
+                self.scalars.log_loop_stats(state.step, self.loop_stats())
             state.eval_seconds += time.perf_counter() - t0
 
         if state.step == 0 and not state.curve:
@@ -382,6 +390,7 @@ class Trainer:
         # Test-time depth (evaluation only): the finished model's held-out loss at each of cfg.depths.
         t0 = time.perf_counter()
         depths = [] if diverged else self.evaluate_depths()
+        loop = None if diverged or cfg.model.r == 1 else self.loop_check(depths)
         state.eval_seconds += time.perf_counter() - t0
         if state.train_seconds == 0 and first_window is not None:
             state.train_seconds, state.train_tokens_timed = first_window
@@ -404,6 +413,7 @@ class Trainer:
             "checkpoint_seconds": state.checkpoint_seconds,
             "curve": state.curve,
             "depths": depths,
+            "loop": loop,
             "branches": state.branches,
             "steps_trained": state.step + sum(b["cooldown_steps"] for b in state.branches),
         }

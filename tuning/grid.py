@@ -207,26 +207,27 @@ def expand(spec: SweepSpec, plan: LRPlan | None = None) -> list[Cell]:
 
 
 def seed_noise_cells(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
-    """The spec's extra seeds of one baseline cell (variant `seed_noise`); none without a seed_noise section."""
-    noise = spec.seed_noise
-    if noise is None:
-        return []
-    base = seed_noise_base(spec, cells)
-    return [Cell(compute=base.compute, width=base.width, r=base.r, variant=SEED_NOISE_VARIANT,
-                 run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT,
-                                      name=f"{run_name(spec, SEED_NOISE_VARIANT, base.compute, base.width, base.r)}"
-                                           f"-seed{seed}"))
-            for seed in noise.seeds]
+    """The spec's extra seeds of its seed-noise baseline cells (variant `seed_noise`); none without the section."""
+    out = []
+    for noise, base in zip(spec.seed_noise, seed_noise_bases(spec, cells)):
+        name = run_name(spec, SEED_NOISE_VARIANT, base.compute, base.width, base.r)
+        out += [Cell(compute=base.compute, width=base.width, r=base.r, variant=SEED_NOISE_VARIANT,
+                     run=base.run.replace(seed=seed, variant=SEED_NOISE_VARIANT, name=f"{name}-seed{seed}"))
+                for seed in noise.seeds]
+    return out
 
 
-def seed_noise_base(spec: SweepSpec, cells: list[Cell]) -> Cell:
-    noise = spec.seed_noise
-    base = next((c for c in cells if c.variant == spec.baseline.name and c.width == noise.width and c.r == noise.r
-                 and math.isclose(c.compute, noise.budget, rel_tol=1e-9)), None)
-    if base is None:
-        fail("seed_noise", f"the baseline variant {spec.baseline.name!r} has no cell at budget {noise.budget:g}, "
-             f"width {noise.width}, r {noise.r}", "pick a cell the baseline trains")
-    return base
+def seed_noise_bases(spec: SweepSpec, cells: list[Cell]) -> list[Cell]:
+    """The baseline cell each seed_noise entry trains again."""
+    bases = []
+    for noise in spec.seed_noise:
+        base = next((c for c in cells if c.variant == spec.baseline.name and c.width == noise.width and c.r == noise.r
+                     and math.isclose(c.compute, noise.budget, rel_tol=1e-9)), None)
+        if base is None:
+            fail("seed_noise", f"the baseline variant {spec.baseline.name!r} has no cell at budget {noise.budget:g}, "
+                 f"width {noise.width}, r {noise.r}", "pick a cell the baseline trains")
+        bases.append(base)
+    return bases
 
 
 def trials(cells: list[Cell], done: set[str]) -> list[tuple[RunConfig, Cell]]:

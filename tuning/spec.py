@@ -340,6 +340,18 @@ class SeedNoise:
         return cls(budget=budget.compute, width=width, r=r, seeds=seeds)
 
 
+def _seed_noise(value: Any, budgets: tuple[Budget, ...], r_values: tuple[int, ...], seed: int) -> tuple[SeedNoise, ...]:
+    """`seed_noise:` is one cell (a mapping) or a list of them; the same cell twice is refused."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    cells = tuple(SeedNoise.from_dict(item, budgets, r_values, seed) for item in items)
+    keys = [(c.budget, c.width, c.r) for c in cells]
+    if len(set(keys)) != len(keys):
+        fail("seed_noise", f"names the same cell twice: {keys}", "list each (budget, width, r) once, with all its seeds")
+    return cells
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     name: str
@@ -355,7 +367,7 @@ class SweepSpec:
     concurrency: int | None = None  # trials at once; None ("auto") = cluster resources / per-trial resources
     fit: FitOptions = field(default_factory=FitOptions)
     adaptive: Adaptive | None = None  # None: run the whole grid
-    seed_noise: SeedNoise | None = None  # None: one seed per cell
+    seed_noise: tuple[SeedNoise, ...] = ()  # baseline cells trained again under other seeds; (): one seed per cell
 
     TOP = ("name", "storage", "data", "model", "budgets", "r", "variants", "recipe", "lr", "resources",
            "concurrency", "fit", "adaptive", "seed_noise")
@@ -448,8 +460,8 @@ class SweepSpec:
                    resources=Resources.from_dict(d.get("resources")), concurrency=concurrency,
                    fit=FitOptions.from_dict(d.get("fit")),
                    adaptive=None if d.get("adaptive") is None else Adaptive.from_dict(d["adaptive"]),
-                   seed_noise=None if d.get("seed_noise") is None else SeedNoise.from_dict(
-                       d["seed_noise"], budgets, r_values, integer("recipe.seed", recipe.get("seed", 0), minimum=0)))
+                   seed_noise=_seed_noise(d.get("seed_noise"), budgets, r_values,
+                                          integer("recipe.seed", recipe.get("seed", 0), minimum=0)))
         if spec.adaptive is not None:
             if len(variants) > 1:
                 names = [v.name for v in variants]

@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run as a plain script: make tuning/, training/,
 from training import results_store  # noqa: E402
 from training.ray_session import ray_session  # noqa: E402
 from tuning.interrupt import Interrupt, InterruptStopper, SweepInterrupted  # noqa: E402
-from tuning.grid import Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, validate  # noqa: E402
+from tuning.grid import (Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, seed_noise_bases,  # noqa: E402
+                         seed_noise_cells, validate)
 from tuning.spec import SweepSpec  # noqa: E402
 from tuning.tune_setup import (METRIC, _dirname, _trainable, _tune_run_config, concurrency,  # noqa: E402
                                stored_status)
@@ -233,6 +234,11 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
         lo_hi = probe.ci.get("phi")
         ci = f" (95% CI {lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else ""
         print(f"fit probe {v.name}: phi = {probe.phi:.3f}{ci} on {probe.n_runs} runs", file=out, flush=True)
+        loops = probe.meta.get("loops") or {}
+        if probe.meta.get("loops_line"):
+            print(f"fit probe {v.name}: {probe.meta['loops_line']}", file=out, flush=True)
+        if loops.get("warning"):
+            print(f"fit probe {v.name}: WARNING: {loops['warning']}", file=out, flush=True)
         probe.save(folder / f"law_{v.name}.json")
     _plots(spec, law, folder / "plots", out)
     if not local:
@@ -243,27 +249,34 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
 
 
 def seed_noise_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict[str, Any] | None:
-    """The final loss of one cell under several seeds, and their spread (sample sd), when the spec asks for it."""
-    if spec.seed_noise is None:
+    """The final loss of each seed-noise cell under its seeds, and the pooled spread (the sd the idle-loop check
+    and the fit's residuals are read against), when the spec asks for it."""
+    if not spec.seed_noise:
         return None
-    from tuning.grid import seed_noise_base, seed_noise_cells
-
-    base = seed_noise_base(spec, cells)
-    runs = [base] + seed_noise_cells(spec, cells)
-    rows = [results_store.read_run(spec.storage, c.run_id) for c in runs]
-    losses = {c.run.seed: row["val_loss"] for c, row in zip(runs, rows)
-              if row is not None and row["status"] == "completed"}
-    if len(losses) < 2:
-        print(f"seed noise: {len(losses)} of {len(runs)} seeds of {base.label} stored; nothing to compare",
-              file=out, flush=True)
+    per_cell, ss, dof = [], 0.0, 0
+    extra = seed_noise_cells(spec, cells)
+    for base in seed_noise_bases(spec, cells):
+        runs = [base] + [c for c in extra if (c.compute, c.width, c.r) == (base.compute, base.width, base.r)]
+        rows = [results_store.read_run(spec.storage, c.run_id) for c in runs]
+        losses = {c.run.seed: row["val_loss"] for c, row in zip(runs, rows)
+                  if row is not None and row["status"] == "completed"}
+        if len(losses) < 2:
+            print(f"seed noise: {len(losses)} of {len(runs)} seeds of {base.label} stored; nothing to compare",
+                  file=out, flush=True)
+            continue
+        values = list(losses.values())
+        sd = statistics.stdev(values)
+        ss, dof = ss + sd ** 2 * (len(values) - 1), dof + len(values) - 1
+        listed = ", ".join(f"{v:.4f} (seed {k})" for k, v in losses.items())
+        print(f"seed noise at {base.label}: val_loss {listed}; sd {sd:.4f} nats = {sd / statistics.fmean(values):.2%}"
+              " of the loss", file=out, flush=True)
+        per_cell.append({"cell": base.label, "losses": losses, "sd": sd})
+    if not dof:
         return None
-    values = list(losses.values())
-    sd = statistics.stdev(values)
-    mean = statistics.fmean(values)
-    listed = ", ".join(f"{v:.4f} (seed {k})" for k, v in losses.items())
-    print(f"seed noise at {base.label}: val_loss {listed}; sd {sd:.4f} nats = {sd / mean:.2%} of the loss",
+    pooled = math.sqrt(ss / dof)
+    print(f"seed noise: pooled sd {pooled:.4f} nats over {len(per_cell)} cell(s), {dof} degrees of freedom",
           file=out, flush=True)
-    return {"cell": base.label, "losses": losses, "sd": sd, "relative_sd": sd / mean}
+    return {"cells": per_cell, "sd": pooled, "dof": dof}
 
 
 def report_isoflop_optima(spec: SweepSpec, law: Any, out=sys.stdout) -> list[dict[str, Any]]:
