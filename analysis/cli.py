@@ -10,13 +10,17 @@ import sys
 from . import engine
 from .data import load_runs
 from .fit import fit_law
-from .law import ScalingLaw
+from .law import ScalingLaw, describe_models
+from .optimal import compact, describe_extrapolation, design_counts, format_table
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", help="fit only runs of this variant (required when the store mixes variants)")
     p.add_argument("--exclude-highest-loss", type=int, default=0, metavar="K",
                    help="drop the K highest-loss runs (Epoch's Chinchilla handling uses 5)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="fit runs that differ in model family, injection, head_dim, vocab_size, seq_len or optimizer "
+                        "(refused otherwise)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,27 +44,39 @@ def _parser() -> argparse.ArgumentParser:
     _add_selection(fit)
 
     query = sub.add_parser("query", help="ask a saved law a question",
-                           description="Queries print JSON; add --ci for bootstrap intervals (needs a fitted law).")
+                           description="Queries print a table (add --json for JSON); --ci adds bootstrap intervals "
+                                       "(needs a fitted law). A law answers in the model family it was fitted on and "
+                                       "says how far a question lies outside what it was fitted on.")
     query.add_argument("law", help="law JSON written by `fit` (or `reference` for the published law)")
     qsub = query.add_subparsers(dest="query", required=True)
 
     def design_args(p, tokens: bool):
-        p.add_argument("--n-once", type=float, required=True, help="parameters used once (prelude + coda)")
-        p.add_argument("--n-rec", type=float, required=True, help="parameters of the recurrent block")
+        p.add_argument("--n-once", type=float, help="parameters used once (prelude + coda)")
+        p.add_argument("--n-rec", type=float, help="parameters of the recurrent block")
+        p.add_argument("--width", type=int, help="instead of --n-once/--n-rec: a member of the law's fitted family "
+                                                  "(d_model for tiny, size s for reference), counted exactly")
         p.add_argument("--r", type=float, required=True, help="recurrences")
         if tokens:
             p.add_argument("--tokens", type=float, required=True, help="training tokens D")
         p.add_argument("--ci", action="store_true", help="add the bootstrap 95%% interval")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     design_args(qsub.add_parser("predict", help="predicted loss (nats)"), tokens=True)
     design_args(qsub.add_parser("effective", aliases=["dense-equivalent"], help="effective parameters N_once + "
                                 "r^phi*N_rec, which is also the size of the equal-loss plain (r=1) model"), tokens=False)
     opt = qsub.add_parser("optimal", help="budget-optimal r, width and tokens for a FLOP budget")
     opt.add_argument("--compute", type=float, required=True, help="training FLOP budget C")
-    opt.add_argument("--r-values", default="1,2,4,8", help="comma-separated r to consider (default 1,2,4,8)")
+    opt.add_argument("--r-values", default=None,
+                     help="comma-separated r to consider (default: the r values the law was fitted on; 1,2,4,8 for a "
+                          "law that does not record them)")
     opt.add_argument("--max-unique-params", type=float, default=None)
     opt.add_argument("--max-inference-flops", type=float, default=None, help="cap on forward FLOPs per token")
-    opt.add_argument("--family", default="reference", help="model family for the accounting (default reference)")
+    opt.add_argument("--family", default=None, choices=("reference", "tiny"),
+                     help="model family for the accounting (default: the family the law was fitted on)")
+    opt.add_argument("--widths", default=None,
+                     help="comma-separated widths to search (tiny: d_model; reference: size s); default: a range "
+                          "around the fitted widths")
+    opt.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     plot = sub.add_parser("plot", help="write PNG figures of the fit",
                           description="Loss vs compute per r, IsoFLOP profiles, phi's bootstrap, residuals.")
@@ -112,34 +128,92 @@ def _cmd_fit(a) -> dict:
     baseline = _load_law(a.baseline) if a.baseline else None
     law = fit_law(a.source, bootstrap=a.bootstrap, seed=a.seed, form=a.form, variant=a.variant, baseline=baseline,
                   exclude_highest_loss=a.exclude_highest_loss, n_starts=a.n_starts or None, n_jobs=a.jobs,
-                  extrapolation=not a.no_extrapolation)
+                  extrapolation=not a.no_extrapolation, allow_mixed=a.allow_mixed)
     law.save(a.out)
     print(law.summary(), file=sys.stderr)
     return {"out": str(a.out), "form": law.form, "coefficients": law.coefficients, "r2": law.r2, "n_runs": law.n_runs,
             "ci": {k: list(v) for k, v in law.ci.items()}, "extrapolation_error": law.extrapolation_error,
             "excluded": len(law.excluded),
-            "quarantined": {e["run"]: e["quarantined"] for e in law.excluded if e.get("quarantined")}}
+            "quarantined": {e["run"]: e["quarantined"] for e in law.excluded if e.get("quarantined")},
+            "variant": law.meta.get("variant"), "models": law.models, "notes": law.meta.get("notes", []),
+            "warning": law.meta.get("warning")}
 
 
-def _cmd_query(a) -> dict:
-    law = _load_law(a.law)
-    if a.query == "optimal":
-        r_values = tuple(int(x) for x in a.r_values.split(",") if x.strip())
-        return law.optimal(a.compute, r_values=r_values, max_unique_params=a.max_unique_params,
-                           max_inference_flops_per_token=a.max_inference_flops, family=a.family).to_dict()
-    args = (a.n_once, a.n_rec, a.r)
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _design_query(law: ScalingLaw, a) -> dict:
+    """A predict/effective query as JSON: the value (and interval), the design it was asked of, the extrapolation."""
+    design = {}
+    if a.width is not None:
+        if a.n_once is not None or a.n_rec is not None:
+            raise ValueError("give either --width or --n-once/--n-rec, not both")
+        if not float(a.r).is_integer():
+            raise ValueError(f"r: must be an integer to build a family member of width {a.width}, got {a.r:g}")
+        counts = design_counts(law, a.width, int(a.r))
+        design = {"family": counts["family"], "width": a.width, "d_model": counts["d_model"],
+                  "n_once": counts["n_once"], "n_rec": counts["n_rec"]}
+        n_once, n_rec, notes = counts["n_once"], counts["n_rec"], counts["notes"]
+    elif a.n_once is None or a.n_rec is None:
+        raise ValueError("give --n-once and --n-rec (parameter counts), or --width (a member of the law's family)")
+    else:
+        n_once, n_rec, notes = a.n_once, a.n_rec, []
+    args = (n_once, n_rec, a.r)
+    tokens = getattr(a, "tokens", None)
     if a.query == "predict":
-        value = law.predict(*args, a.tokens, ci=a.ci)
+        value = law.predict(*args, tokens, ci=a.ci)
     else:  # effective, or its alias dense-equivalent
         value = law.effective_params(*args, ci=a.ci)
-    return {"query": a.query, **_estimate_json(value)}
+    ex = law.extrapolation(n_once=n_once, n_rec=n_rec, r=a.r, tokens=tokens,
+                           width=design.get("d_model") if design.get("family") == law.models.get("family") else None)
+    return {"query": a.query, **_estimate_json(value), "n_once": n_once, "n_rec": n_rec, "r": a.r,
+            **({"tokens": tokens} if tokens is not None else {}), **({"design": design} if design else {}),
+            "extrapolation": ex, "notes": notes}
+
+
+def _design_text(law: ScalingLaw, q: dict) -> str:
+    label = "predicted loss (nats)" if q["query"] == "predict" else "effective params (= dense-equivalent size)"
+    header = (["width"] if "design" in q else []) + ["n_once", "n_rec", "r"] + (["tokens"] if "tokens" in q else []) \
+        + [label] + (["95% CI"] if "low" in q else []) + ["extrapolates"]
+    value = f"{q['value']:.4f}" if q["query"] == "predict" else compact(q["value"])
+    ci = []
+    if "low" in q:
+        ci = ["-" if q["low"] is None else (f"[{q['low']:.4f}, {q['high']:.4f}]" if q["query"] == "predict"
+                                            else f"[{compact(q['low'])}, {compact(q['high'])}]")]
+    row = ([str(q["design"]["d_model"])] if "design" in q else []) + [compact(q["n_once"]), compact(q["n_rec"]),
+                                                                       f"{q['r']:g}"] \
+        + ([compact(q["tokens"])] if "tokens" in q else []) + [value] + ci \
+        + [describe_extrapolation(q["extrapolation"])]
+    lines = [f"law: {describe_models(law.models)}"]
+    lines += format_table([row], header, right=set(range(len(header) - 1)))
+    if q["extrapolation"]:
+        lines.append("note: outside what the law was fitted on, the value is the law's guess, not a measurement")
+    if law.models.get("family") == "unknown":
+        lines.append("note: the law does not record which models it was fitted on; nothing is checked for "
+                     "extrapolation")
+    lines += [f"note: {n}" for n in q["notes"]]
+    return "\n".join(lines)
+
+
+def _cmd_query(a) -> dict | str:
+    law = _load_law(a.law)
+    if a.query == "optimal":
+        opt = law.optimal(a.compute, r_values=_ints(a.r_values), max_unique_params=a.max_unique_params,
+                          max_inference_flops_per_token=a.max_inference_flops, family=a.family, sizes=_ints(a.widths))
+        return opt.to_dict() if a.json else str(opt)
+    q = _design_query(law, a)
+    if not a.ci:
+        for k in ("low", "high"):
+            q.pop(k, None)
+    return q if a.json else _design_text(law, q)
 
 
 def _cmd_plot(a) -> dict:
     from .plots import plot_all
 
     table = load_runs(a.source, variant=a.variant, exclude_highest_loss=a.exclude_highest_loss)
-    law = _load_law(a.law) if a.law else fit_law(table, bootstrap=a.bootstrap, form=a.form)
+    law = _load_law(a.law) if a.law else fit_law(table, bootstrap=a.bootstrap, form=a.form, allow_mixed=a.allow_mixed)
     return {"figures": [str(p) for p in plot_all(table, law, a.out)]}
 
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import json
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -22,6 +25,8 @@ from training import results_store
 from training.storage import filesystem
 
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "val_loss")
+# tuning.grid's extra-seed copies of a baseline cell: they measure seed noise (analysis.loops), never a fit variant.
+SEED_NOISE_VARIANT = "seed_noise"
 
 # Column names other tables use for the same quantities (Epoch's Chinchilla CSV among them).
 ALIASES: dict[str, str] = {
@@ -44,6 +49,8 @@ class RunTable:
     frame: pd.DataFrame  # runs that enter the fit, normalised columns
     excluded: list[dict[str, Any]] = field(default_factory=list)  # {"run": ..., "reason": ...}
     budget_labels: dict[Any, str] = field(default_factory=dict)
+    variant: str | None = None  # the variant fitted (given, or the only one besides seed-noise replicates)
+    notes: list[str] = field(default_factory=list)  # what the reader decided on its own, said to the user
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -178,7 +185,9 @@ def load_runs(source: Any, *, variant: str | None = None, exclude_highest_loss: 
     """Read and validate runs; see the module docstring.
 
     variant: keep only rows of this `variant`; required when the table mixes variants (a law fitted
-    across truncated-backprop and full-backprop runs would be meaningless).
+    across truncated-backprop and full-backprop runs would be meaningless). `seed_noise` rows (extra seeds of
+    baseline cells, tuning.grid) are never a fit variant: beside one other variant they are left out, with a note
+    in RunTable.notes, and that variant is fitted.
     exclude_highest_loss: drop the k completed runs with the highest loss (Epoch drops 5 on Chinchilla).
     """
     if int(exclude_highest_loss) != exclude_highest_loss or exclude_highest_loss < 0:
@@ -187,17 +196,30 @@ def load_runs(source: Any, *, variant: str | None = None, exclude_highest_loss: 
     df = _normalise_columns(raw).reset_index(drop=True)
     df["run"] = _run_labels(df)
 
+    notes: list[str] = []
     if "variant" in df.columns:
         present = sorted(df["variant"].dropna().astype(str).unique().tolist())
-        if variant is None and len(present) > 1:
-            raise ValueError(f"the results mix variants {present}; choose one with variant=... "
+        if variant == SEED_NOISE_VARIANT:
+            raise ValueError(f"variant={SEED_NOISE_VARIANT!r} is not a fit variant: its runs are extra seeds of "
+                             f"baseline cells, kept to measure seed noise; fit the baseline variant")
+        candidates = [v for v in present if v != SEED_NOISE_VARIANT]
+        if variant is None and len(candidates) > 1:
+            raise ValueError(f"the results mix variants {candidates}; choose one with variant=... "
                              f"(CLI: --variant), fit each separately, or fit a probe against a baseline law")
+        if variant is None and len(candidates) == 1 and SEED_NOISE_VARIANT in present:
+            variant = candidates[0]
         if variant is not None:
             if variant not in present:
                 raise ValueError(f"variant={variant!r} has no runs; variants present: {present}")
             other = df["variant"].astype(str) != variant
-            excluded += [{"run": run, "reason": f"variant {v!r} (fitting {variant!r})"}
-                         for run, v in zip(df.loc[other, "run"], df.loc[other, "variant"])]
+            replicate = df["variant"].astype(str) == SEED_NOISE_VARIANT
+            excluded += [{"run": run, "reason": (
+                f"seed-noise replicate (not a fit variant; fitting {variant!r})" if v == SEED_NOISE_VARIANT
+                else f"variant {v!r} (fitting {variant!r})")}
+                for run, v in zip(df.loc[other, "run"], df.loc[other, "variant"])]
+            if replicate.any():
+                notes.append(f"left out {int(replicate.sum())} {SEED_NOISE_VARIANT} replicate run(s): extra seeds of "
+                             f"baseline cells measure seed noise and are never fitted; fitted variant {variant!r}")
             df = df[~other]
     elif variant is not None:
         raise ValueError(f"variant={variant!r} given but the results have no `variant` column")
@@ -231,7 +253,7 @@ def load_runs(source: Any, *, variant: str | None = None, exclude_highest_loss: 
         df["budget"] = groups
     else:
         labels = {}
-    return RunTable(frame=df, excluded=excluded, budget_labels=labels)
+    return RunTable(frame=df, excluded=excluded, budget_labels=labels, variant=variant, notes=notes)
 
 
 def load_epoch_chinchilla(path: str | Path, exclude_highest_loss: int = 0) -> RunTable:
@@ -242,3 +264,145 @@ def load_epoch_chinchilla(path: str | Path, exclude_highest_loss: int = 0) -> Ru
         raise ValueError(f"{path} lacks Epoch's column(s) {missing}")
     df = df[["Model Size", "Training FLOP", "loss"]].dropna()
     return load_runs(df, exclude_highest_loss=exclude_highest_loss)
+
+
+# ---- which models the runs are ------------------------------------------------------------------------------------
+# Model fields a row may carry as columns (the results-store schema) or in its `config` JSON's model section.
+MODEL_FIELDS = ("size", "d_model", "n_prelude", "n_rec_layers", "n_coda", "r", "injection", "head_dim", "seq_len",
+                "vocab_size", "hc_lanes", "bptt_k", "mlp_ratio")
+# Fields every run of one law must share (a law across them fits the difference, not the scaling); `optimizer` is the
+# recipe, from the config's optim section. Injection is compared over looped rows only: r = 1 runs have none.
+MIX_FIELDS = ("family", "injection", "head_dim", "vocab_size", "seq_len", "optimizer")
+
+
+def _plain(value: Any) -> Any:
+    """A cell as a plain Python value; None for nulls (None, NaN, pd.NA)."""
+    if value is None or (np.ndim(value) == 0 and not isinstance(value, str) and pd.isna(value)):
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _config_sections(text: Any) -> tuple[dict, dict]:
+    if not isinstance(text, str) or not text:
+        return {}, {}
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return {}, {}
+    if not isinstance(cfg, dict):
+        return {}, {}
+    model, optim = cfg.get("model"), cfg.get("optim")
+    return (model if isinstance(model, dict) else {}), (optim if isinstance(optim, dict) else {})
+
+
+def model_rows(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per run: its model fields (MODEL_FIELDS), `family` and `optimizer`, from the `config` JSON's sections with the
+    row's own columns taking precedence; None when the source describes no model (a bare n_once, n_rec, r, tokens,
+    val_loss table).
+
+    family: "reference" where the reference size s is recorded (the results store writes it only for that family),
+    "tiny" for any other model with a width (the iso-depth family at CPU size), "unknown" otherwise.
+    """
+    if "config" not in frame.columns and not any(c in frame.columns for c in ("d_model", "size", "head_dim")):
+        return None
+    rows = []
+    configs = frame["config"] if "config" in frame.columns else pd.Series([None] * len(frame), index=frame.index)
+    for (_, row), text in zip(frame.iterrows(), configs):
+        model, optim = _config_sections(text)
+        out = {k: _plain(model.get(k)) for k in MODEL_FIELDS}
+        for k in MODEL_FIELDS:
+            if k in frame.columns and _plain(row[k]) is not None:
+                out[k] = _plain(row[k])
+        out["optimizer"] = _plain(optim.get("optimizer"))
+        out["family"] = ("reference" if out["size"] is not None
+                         else "tiny" if out["d_model"] is not None else "unknown")
+        rows.append(out)
+    return pd.DataFrame(rows, index=frame.index, columns=["family", *MODEL_FIELDS, "optimizer"], dtype=object)
+
+
+def _distinct(values) -> list:
+    return sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
+
+
+def mixed_models(models: pd.DataFrame | None) -> dict[str, list]:
+    """The MIX_FIELDS whose runs differ, each with its distinct values (unrecorded values are not a difference)."""
+    if models is None or models.empty:
+        return {}
+    looped = models["r"].map(lambda r: r is not None and r > 1)
+    out = {}
+    for name in MIX_FIELDS:
+        col = models.loc[looped, name] if name == "injection" else models[name]
+        values = _distinct(col)
+        if len(values) > 1:
+            out[name] = values
+    return out
+
+
+def _layout(models: pd.DataFrame, family: str) -> dict[str, int] | None:
+    """The iso-depth rule prelude + (rec_depth / r) x r + coda, read off the looped runs (r = 1 runs hold every layer
+    in one block, so they give only the total)."""
+    looped = models[models["r"].map(lambda r: r is not None and r > 1)]
+    layouts = Counter((p, n * r, c) for p, n, r, c in zip(looped["n_prelude"], looped["n_rec_layers"], looped["r"],
+                                                          looped["n_coda"]) if None not in (p, n, r, c))
+    if layouts:
+        (p, depth, c), _ = layouts.most_common(1)[0]
+        return {"n_prelude": int(p), "rec_depth": int(depth), "n_coda": int(c)}
+    totals = Counter(n for n in models["n_rec_layers"] if n is not None)
+    if not totals:
+        return None
+    edge = 2 if family == "reference" else 1  # the families' default prelude and coda
+    total = int(totals.most_common(1)[0][0])
+    return {"n_prelude": edge, "rec_depth": total - 2 * edge, "n_coda": edge} if total > 2 * edge else None
+
+
+def _span(x) -> list[float] | None:
+    x = pd.to_numeric(pd.Series(x), errors="coerce").astype(float).to_numpy()
+    x = x[np.isfinite(x)]
+    return [float(x.min()), float(x.max())] if len(x) else None
+
+
+def describe_models(frame: pd.DataFrame) -> dict[str, Any]:
+    """What a fit saw, for law.meta["models"]: family, vocab, seq_len, head_dim, injection, layout rule, r values,
+    widths, and the compute, token and unique-parameter ranges; family "unknown" when the rows name no model.
+    A field the runs disagree on is listed under "mixed" and left None."""
+    out: dict[str, Any] = {"family": "unknown"}
+    if len(frame):
+        out["r_values"] = sorted({int(r) if float(r).is_integer() else float(r) for r in frame["r"]})
+        out["compute"] = _span(frame["compute"]) if "compute" in frame.columns else None
+        out["tokens"] = _span(frame["tokens"])
+        out["unique_params"] = _span(frame["n_once"] + frame["n_rec"])
+    models = model_rows(frame)
+    if models is None or models.empty:
+        return out
+    mixed = mixed_models(models)
+    looped = models[models["r"].map(lambda r: r is not None and r > 1)]
+
+    def one(name, col=None):
+        if name in mixed:
+            return None
+        values = _distinct(models[name] if col is None else col)
+        return values[0] if values else None
+
+    family = "mixed" if "family" in mixed else (one("family") or "unknown")
+    injection = one("injection", looped["injection"])
+    out.update({
+        "family": family,
+        "vocab_size": one("vocab_size"),
+        "seq_len": one("seq_len"),
+        "head_dim": one("head_dim"),
+        "injection": injection,
+        "hc_lanes": one("hc_lanes", looped["hc_lanes"]) if injection == "hyperconnect" else None,
+        "mlp_ratio": one("mlp_ratio"),
+        "optimizer": one("optimizer"),
+        "layout": _layout(models, family),
+        "widths": [int(w) for w in _distinct(models["d_model"])],
+    })
+    if family == "reference":
+        out["sizes"] = [int(s) for s in _distinct(models["size"])]
+    if mixed:
+        out["mixed"] = mixed
+    return out

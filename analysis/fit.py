@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 
 from . import engine
 from .profile import profile_phi_interval
-from .data import RunTable, load_runs
+from .data import RunTable, describe_models, load_runs
 from .intervals import DEFAULT_LEVEL, percentile_interval
 from .law import COEFFS, ScalingLaw, derived_quantities
 from .loops import check_loops, check_store, residuals_by_r
@@ -67,7 +67,7 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
             delta: float = DEFAULT_DELTA, start_grid: dict[str, tuple[float, ...]] | None = None,
             n_starts: int | None = engine.DEFAULT_N_STARTS, n_jobs: int | None = None,
             extrapolation: bool = True, level: float = DEFAULT_LEVEL, profile: bool = True,
-            init: ScalingLaw | None = None) -> ScalingLaw:
+            init: ScalingLaw | None = None, allow_mixed: bool = False) -> ScalingLaw:
     """Fit L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta (or the dense form) to finished runs.
 
     results: a results store (folder or pyarrow.fs URI), a .parquet/.csv file, a pyarrow.Table, a
@@ -85,6 +85,11 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
     extrapolation: compute the leave-one-budget-out extrapolation error.
     profile: add phi's profile-likelihood interval as ci["phi_profile"] (see analysis.profile).
     init: a law (e.g. the previous fit of a growing sweep) to start L-BFGS-B from besides the screened grid.
+    allow_mixed: fit runs that differ in model family, injection, head_dim, vocab_size, seq_len or optimizer
+        (refused otherwise: such a law prices the difference between the models, not their scale).
+
+    The law records what it was fitted on in meta["models"] (analysis.data.describe_models), so its design queries
+    answer in that family and flag extrapolation beyond the fitted ranges.
     """
     t0 = time.perf_counter()
     if int(bootstrap) != bootstrap or bootstrap < 0:
@@ -95,6 +100,7 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         table = results
     else:
         table = load_runs(results, variant=variant, exclude_highest_loss=exclude_highest_loss)
+    models = _fitted_models(table, allow_mixed)
     data = _fit_data(table)
     if len(data) == 0:
         raise ValueError("no completed runs to fit" + (f"; excluded: {table.excluded[:5]}" if table.excluded else ""))
@@ -142,16 +148,21 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
         "seed": seed,
         "n_starts": n_starts,
         "local_optima": len(opt.candidates),
-        "variant": variant,
+        "variant": variant if variant is not None else table.variant,
         "exclude_highest_loss": sum("highest-loss" in e["reason"] for e in table.excluded),
         "r_values": sorted(set(np.unique(data.r).astype(float).tolist())),
         "fit_seconds": round(time.perf_counter() - t0, 3),
         "parameterisation": "log L = LSE(a - alpha*log N_eff, b - beta*log D, e); Huber(delta) on log residuals, summed",
     }
-    if not dense and min(abs(point["phi"] - b) for b in engine.PHI_BOUNDS) < 1e-6:
-        # An optimum pinned to the search bound means these runs do not identify phi: say so, don't clip it away.
-        meta["warning"] = (f"phi sits on its search bound {point['phi']:g}: these runs do not identify it "
-                           "(too few sizes per budget, or runs too short to separate r); do not read it as a result")
+    meta["models"] = models
+    if table.notes:
+        meta["notes"] = list(table.notes)
+    unidentified = _not_identified(point, dense, spec)
+    if unidentified:
+        # An optimum pinned to a search bound, or at a scale no loss curve has, means these runs do not identify that
+        # coefficient: say so, don't clip it away.
+        meta["not_identified"] = unidentified
+        meta["warning"] = "; ".join(unidentified.values()) + "; do not read them as results"
     if kind == "probe":
         meta["baseline"] = baseline.coefficients
         meta["note"] = "probe: only phi refitted; other coefficients held at the baseline, so intervals reflect phi alone"
@@ -159,8 +170,41 @@ def fit_law(results: Any, bootstrap: int = 1000, seed: int | None = 0, *, form: 
     law = ScalingLaw(E=point["E"], A=point["A"], alpha=point["alpha"], B=point["B"], beta=point["beta"],
                      phi=None if dense else point["phi"], ci=ci, r2=engine.r_squared(opt.theta, data),
                      n_runs=len(data), loo=loo, excluded=list(table.excluded), draws=draws, meta=meta)
-    _attach_loop_check(law, table, results, variant, spec.n_free)
+    _attach_loop_check(law, table, results, meta["variant"], spec.n_free)
     return law
+
+
+# Scales no loss curve of a language model has: a fit that lands there traded one coefficient against another.
+ABSURD_E = 1e-6  # the irreducible loss (nats) effectively zero
+ABSURD_SCALE = 1e12  # A or B: the power law's prefactor exploding to make up for a vanishing exponent
+
+
+def _not_identified(point: dict[str, float], dense: bool, spec: engine.FitSpec) -> dict[str, str]:
+    """Each coefficient the runs do not identify, with why: free and on its search bound (engine.PHI_BOUNDS), E below
+    ABSURD_E, A or B above ABSURD_SCALE."""
+    out = {}
+    if not dense and spec.free[I_PHI] and min(abs(point["phi"] - b) for b in engine.PHI_BOUNDS) < 1e-6:
+        out["phi"] = (f"phi sits on its search bound {point['phi']:g} (bounds {list(engine.PHI_BOUNDS)}): these runs "
+                      "do not identify it (too few sizes per budget, or runs too short to separate r)")
+    if spec.free[I_E] and point["E"] < ABSURD_E:
+        out["E"] = (f"E = {point['E']:.3g} sits at an absurd scale (< {ABSURD_E:g} nats): not identified, the "
+                    "runs do not reach the loss floor")
+    for k, i in (("A", I_A), ("B", I_B)):
+        if spec.free[i] and point[k] > ABSURD_SCALE:
+            out[k] = (f"{k} = {point[k]:.3g} sits at an absurd scale (> {ABSURD_SCALE:g}): not identified, traded "
+                      f"against its exponent")
+    return out
+
+
+def _fitted_models(table: RunTable, allow_mixed: bool) -> dict:
+    """What the fit sees (analysis.data.describe_models); runs of different models refused unless allow_mixed."""
+    models = describe_models(table.frame)
+    mixed = models.get("mixed")
+    if mixed and not allow_mixed:
+        fields = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in mixed.items())
+        raise ValueError(f"the runs mix models that one law cannot describe ({fields}); fit each separately "
+                         f"(e.g. variant=...), or pass allow_mixed=True (CLI: --allow-mixed) to fit them together")
+    return models
 
 
 def _attach_loop_check(law: ScalingLaw, table: RunTable, results: Any, variant: str | None, n_free: int) -> None:

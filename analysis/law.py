@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,10 +20,31 @@ import numpy as np
 from models.validate import fail
 
 from .intervals import DEFAULT_LEVEL, percentile_interval
-from .optimal import OptimalDesign, optimal_design
+from .optimal import REFERENCE_MODELS, OptimalDesign, extrapolation, optimal_design
 
 COEFFS = ("E", "A", "alpha", "B", "beta", "phi")
 REC_MULTIPLIER_R = (2, 4, 8)
+
+
+def describe_models(m: dict) -> str:
+    """One line: the family and what the fit saw ('tiny family, d_model 8-32, r 1,4,8, vocab 1024, ...')."""
+    parts = [f"{m.get('family', 'unknown')} family"]
+    if m.get("widths"):
+        parts.append(f"d_model {min(m['widths'])}-{max(m['widths'])}")
+    if m.get("r_values"):
+        parts.append("r " + ",".join(f"{r:g}" for r in m["r_values"]))
+    for k in ("vocab_size", "seq_len", "head_dim", "injection", "optimizer"):
+        if m.get(k) is not None:
+            parts.append(f"{k} {m[k]}")
+    if m.get("layout"):
+        lay = m["layout"]
+        parts.append(f"layout {lay['n_prelude']} + {lay['rec_depth']}/r x r + {lay['n_coda']}")
+    for k, label in (("compute", "C"), ("tokens", "tokens")):
+        if m.get(k):
+            parts.append(f"{label} {m[k][0]:.3g}-{m[k][1]:.3g}")
+    if m.get("mixed"):
+        parts.append("MIXED " + "; ".join(f"{k} {v}" for k, v in m["mixed"].items()))
+    return ", ".join(parts)
 
 
 class Estimate(NamedTuple):
@@ -120,7 +143,8 @@ class ScalingLaw:
     def reference(cls) -> "ScalingLaw":
         """The published looped-LM law of arXiv 2604.21106 (116 runs, R^2 = 0.997)."""
         return cls(E=1.56773, A=28.027, alpha=0.19924, B=915.82, beta=0.36863, phi=0.459, r2=0.997, n_runs=116,
-                   meta={"source": "arXiv 2604.21106 (published coefficients)"})
+                   meta={"source": "arXiv 2604.21106 (published coefficients)",
+                         "models": json.loads(json.dumps(REFERENCE_MODELS))})
 
     @property
     def form(self) -> str:
@@ -134,6 +158,19 @@ class ScalingLaw:
     def extrapolation_error(self) -> float | None:
         """Mean |relative loss error| on held-out budgets (leave-one-budget-out), if computed."""
         return None if not self.loo else self.loo.get("mean_abs_rel_error")
+
+    @property
+    def models(self) -> dict:
+        """What the law was fitted on (fit_law records it: family, vocab, seq_len, head_dim, injection, layout, r
+        values, widths, compute and token ranges); {"family": "unknown"} for a law saved before it was recorded."""
+        return dict(self.meta.get("models") or {"family": "unknown"})
+
+    def extrapolation(self, *, n_once=None, n_rec=None, r=None, tokens=None, width=None, compute=None) -> dict:
+        """How far a query lies outside what the law was fitted on: {quantity: {value, range, factor, side}} for each
+        of r, tokens, width, compute and unique parameters (n_once + n_rec) given; {} inside (or when unrecorded)."""
+        unique = None if n_once is None or n_rec is None else float(n_once) + float(n_rec)
+        return extrapolation(self.meta.get("models"), compute=compute, width=width, tokens=tokens, r=r,
+                             unique_params=unique)
 
     def _phi(self, phi=None):
         return 0.0 if phi is None else phi
@@ -202,10 +239,11 @@ class ScalingLaw:
     def derived(self) -> dict[str, float]:
         return {k: float(v) for k, v in derived_quantities(self.coefficients | {"phi": self.phi}).items()}
 
-    def optimal(self, compute: float, r_values=(1, 2, 4, 8), max_unique_params: float | None = None,
-                max_inference_flops_per_token: float | None = None, family: str = "reference",
+    def optimal(self, compute: float, r_values=None, max_unique_params: float | None = None,
+                max_inference_flops_per_token: float | None = None, family: str | None = None,
                 sizes=None, level: float = DEFAULT_LEVEL) -> OptimalDesign:
-        """Budget-optimal design: see analysis.optimal.optimal_design."""
+        """Budget-optimal design (see analysis.optimal.optimal_design): by default in the family and at the r values
+        the law was fitted on; a law that does not know its models answers in the reference family at r 1, 2, 4, 8."""
         return optimal_design(self, compute, r_values=r_values, max_unique_params=max_unique_params,
                               max_inference_flops_per_token=max_inference_flops_per_token, family=family,
                               sizes=sizes, level=level)
@@ -225,33 +263,92 @@ class ScalingLaw:
         })
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScalingLaw":
-        if "coefficients" not in d:
-            raise ValueError("not a saved ScalingLaw: no 'coefficients' key")
+    def from_dict(cls, d: dict, source: str | None = None) -> "ScalingLaw":
+        """A law from to_dict's form, validated: every coefficient a finite number (phi may be null only in a law
+        whose form is dense); `source` (the file) prefixes every error."""
+        where = f"{source}: " if source else ""
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"{where}{problem}")
+
+        if not isinstance(d, dict) or "coefficients" not in d:
+            raise bad("not a saved ScalingLaw: no 'coefficients' key "
+                      "(expected the JSON `python -m analysis fit` writes)")
         c = d["coefficients"]
-        missing = [k for k in COEFFS[:5] if c.get(k) is None]
+        if not isinstance(c, dict):
+            raise bad(f"'coefficients' must be an object of numbers, got {c!r}")
+        missing = [k for k in COEFFS[:5] if k not in c]
         if missing:
-            raise ValueError(f"saved law lacks coefficient(s) {missing}")
-        draws = (d.get("draws") or {}).get("values")
+            raise bad(f"saved law lacks coefficient(s) {missing}")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise bad(f"'meta' must be an object, got {type(meta).__name__}")
+        form = d.get("form", meta.get("form"))
+        if form not in ("looped", "dense", None):
+            raise bad(f"'form' must be 'looped' or 'dense', got {form!r}")
+        for k in COEFFS:
+            v = c.get(k)
+            if k == "phi" and v is None:
+                if form != "dense":
+                    raise bad(f"coefficient 'phi' is null but the law's form is {form or 'not given'!r}: a looped law "
+                              "needs a finite phi (only a law whose form is 'dense' has none)")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(f"coefficient {k!r} must be a finite number, got {v!r} ({type(v).__name__})")
+        if form == "dense" and c.get("phi") is not None:
+            raise bad(f"the law's form is 'dense' but coefficient 'phi' is {c['phi']!r}: a dense law has no phi")
+        ci = d.get("ci") or {}
+        if not isinstance(ci, dict):
+            raise bad(f"'ci' must be an object of [low, high] pairs, got {type(ci).__name__}")
+        for k, v in ci.items():
+            if (not isinstance(v, (list, tuple)) or len(v) != 2
+                    or any(x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in v)):
+                raise bad(f"ci[{k!r}] must be a [low, high] pair of numbers, got {v!r}")
+        for k in ("r2", "n_runs"):
+            v = d.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise bad(f"{k!r} must be a number or null, got {v!r}")
+        draws = (d.get("draws") or {}).get("values") if isinstance(d.get("draws"), (dict, type(None))) else "bad"
         if draws is not None:
-            cols = d["draws"].get("columns", list(COEFFS))
-            arr = np.array([[np.nan if v is None else v for v in row] for row in draws], dtype=float).reshape(-1, len(cols))
+            try:
+                cols = d["draws"].get("columns", list(COEFFS))
+                arr = np.array([[np.nan if v is None else v for v in row] for row in draws], dtype=float)
+                arr = arr.reshape(-1, len(cols))
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise bad(f"'draws' must be {{columns: [...], values: [[numbers]]}} ({exc})") from None
             draws = np.column_stack([arr[:, cols.index(k)] if k in cols else np.full(len(arr), np.nan) for k in COEFFS])
-        return cls(E=c["E"], A=c["A"], alpha=c["alpha"], B=c["B"], beta=c["beta"], phi=c.get("phi"),
-                   ci={k: tuple(v) for k, v in (d.get("ci") or {}).items()}, r2=d.get("r2"), n_runs=d.get("n_runs"),
-                   loo=d.get("loo"), excluded=list(d.get("excluded") or []), draws=draws, meta=dict(d.get("meta") or {}))
+        try:
+            return cls(E=c["E"], A=c["A"], alpha=c["alpha"], B=c["B"], beta=c["beta"], phi=c.get("phi"),
+                       ci={k: tuple(v) for k, v in ci.items()}, r2=d.get("r2"), n_runs=d.get("n_runs"),
+                       loo=d.get("loo"), excluded=list(d.get("excluded") or []), draws=draws, meta=dict(meta))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)  # atomic: a reader never sees half a law
+        # A name no other writer uses (two fits saving one law.json must not write into each other's temp file).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+            tmp.replace(path)  # atomic: a reader never sees half a law
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "ScalingLaw":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a law.json; a file that is not one (truncated, hand-edited, wrong types) is named in the error."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); a "
+                             f"truncated or hand-edited file? Refit it with `python -m analysis fit STORE --out "
+                             f"{path}`") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a text (JSON) file ({exc.reason} at byte {exc.start})") from None
+        return cls.from_dict(d, source=str(path))
 
     # ---- display ------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -278,6 +375,14 @@ class ScalingLaw:
             by_r = ", ".join(f"r={k}: {v:+.4f}" for k, v in self.meta["residual_by_r"].items())
             lines.append(f"  mean residual (measured - law) per r: {by_r} nats; residual sd "
                          f"{self.meta.get('residual_sd', float('nan')):.4f}")
+        models = self.models
+        if models.get("family") == "unknown" and "models" not in self.meta:
+            lines.append("  models: unknown (saved before fits recorded them): design queries use the study's "
+                         "reference family; refit to record them")
+        else:
+            lines.append(f"  models: {describe_models(models)}")
+        if self.meta.get("notes"):
+            lines += [f"  note: {n}" for n in self.meta["notes"]]
         if self.meta.get("loops_line"):
             lines.append(f"  {self.meta['loops_line']}")
         if self.meta.get("warning"):

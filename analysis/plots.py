@@ -25,7 +25,44 @@ def _pyplot():
     return plt
 
 
+def _tick_label(x: float) -> str:
+    """'2e3', '3e4', '0.5': short enough that a handful of labels fit under a narrow panel."""
+    return f"{x:.2g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _log_x_ticks(ax, max_ticks: int = 5) -> None:
+    """Readable ticks on a log x axis: at most `max_ticks` labelled values of the 1, 2, 5 x 10^k kind inside the view,
+    no minor labels. Matplotlib labels minor ticks (2x10^3, 3x10^3, ...) on axes spanning under a decade or so, and
+    on a 4-inch panel they run into each other."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = sorted(ax.get_xlim())
+    if not (lo > 0 and math.isfinite(hi)):
+        return
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for mults in ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        inside = [m * 10.0 ** k for k in decades for m in mults if lo <= m * 10.0 ** k <= hi]
+        if len(inside) > max_ticks:
+            if not ticks:  # many decades: every n-th power of ten
+                step = math.ceil(len(inside) / max_ticks)
+                ticks = inside[::step]
+            break
+        ticks = inside
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 2:  # a sliver of a decade: two or three values spread over it
+        ticks = sorted({float(f"{v:.2g}") for v in np.geomspace(lo, hi, 4)[1:-1]} | set(ticks))
+    ax.set_xlim(lo, hi)  # fixed: the ticks were chosen for these limits
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _tick_label(x)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(plt, fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_xscale() == "log":
+            _log_x_ticks(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)  # pyplot keeps every open figure alive otherwise

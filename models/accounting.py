@@ -62,6 +62,7 @@ def injection_params(cfg: LoopedConfig) -> int:
         "concat": 2 * d * d,  # Linear(2d -> d), no bias
         "additive": 0,
         "additive_normed": 0,  # parameter-free RMSNorm of e; like the other norms, not counted in FLOPs
+        "additive_normed_per_layer": 0,
         "none": 0,
         "diagonal": d * d + 2 * d,  # B (d x d), A_log (d), dt (d)
         "hyperconnect": cfg.recurrence_steps * (n * n + 2 * n),

@@ -11,7 +11,7 @@ from typing import Any
 
 from models.validate import fail, integer
 
-INJECTIONS = ("concat", "additive", "additive_normed", "none", "diagonal", "hyperconnect")
+INJECTIONS = ("concat", "additive", "additive_normed", "additive_normed_per_layer", "none", "diagonal", "hyperconnect")
 
 # Reference recipe of arXiv 2604.21106: effective depth 2 + 16 + 2, head dim 128.
 REFERENCE_PRELUDE = 2

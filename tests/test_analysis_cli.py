@@ -40,16 +40,18 @@ def test_fit_query_plot_end_to_end(store, tmp_path, capsys):
     assert any("diverged" in e["reason"] for e in law.excluded)
 
     code, out, _ = _run(capsys, "query", str(law_path), "predict", "--n-once", "2e7", "--n-rec", "2e7", "--r", "4",
-                        "--tokens", "1e9", "--ci")
+                        "--tokens", "1e9", "--ci", "--json")
     q = json.loads(out)
     assert code == 0 and q["low"] < q["value"] < q["high"]
     assert q["value"] == pytest.approx(law.predict(2e7, 2e7, 4, 1e9))
 
-    code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "2e7", "--n-rec", "2e7", "--r", "4")
+    code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "2e7", "--n-rec", "2e7", "--r", "4",
+                        "--json")
     assert json.loads(out)["value"] == pytest.approx(2e7 + 4 ** law.phi * 2e7)
-    code, out, _ = _run(capsys, "query", str(law_path), "dense-equivalent", "--n-once", "2e7", "--n-rec", "2e7", "--r", "1")
+    code, out, _ = _run(capsys, "query", str(law_path), "dense-equivalent", "--n-once", "2e7", "--n-rec", "2e7", "--r", "1",
+                        "--json")
     assert json.loads(out)["value"] == pytest.approx(4e7)  # dense-equivalent: the same quantity under its other name
-    code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "0", "--n-rec", "2e7", "--r", "4")
+    code, out, _ = _run(capsys, "query", str(law_path), "effective", "--n-once", "0", "--n-rec", "2e7", "--r", "4", "--json")
     assert code == 0 and json.loads(out)["value"] == pytest.approx(4 ** law.phi * 2e7)  # all-recurrent is fine
     for bad in (["--n-once=-1e8", "--n-rec", "1e8", "--r", "4"], ["--n-once", "1e8", "--n-rec", "1e8", "--r", "0.5"]):
         code, out, err = _run(capsys, "query", str(law_path), "effective", *bad)
@@ -59,7 +61,7 @@ def test_fit_query_plot_end_to_end(store, tmp_path, capsys):
     assert code == 2 and "tokens: must be finite and > 0" in err
 
     code, out, _ = _run(capsys, "query", str(law_path), "optimal", "--compute", "1e19", "--r-values", "1,2,4",
-                        "--max-unique-params", "3e8")
+                        "--max-unique-params", "3e8", "--json")
     opt = json.loads(out)
     assert code == 0 and opt["best"]["r"] in (1, 2, 4) and opt["best"]["unique_params"] <= 3e8
     assert len(opt["table"]) == 3 and opt["best"]["loss_ci"] is not None

@@ -18,7 +18,7 @@ def test_pyproject_installs_the_looplaw_command():
 
 
 def test_analysis_commands_pass_through(capsys):
-    assert cli.main(["query", "reference", "effective", "--n-once", "4.27e8", "--n-rec", "4e8", "--r", "4"]) == 0
+    assert cli.main(["query", "reference", "effective", "--n-once", "4.27e8", "--n-rec", "4e8", "--r", "4", "--json"]) == 0
     value = json.loads(capsys.readouterr().out)["value"]
     assert value / (4.27e8 + 4e8) == pytest.approx(1.43, abs=0.01)  # the README's reference number
 

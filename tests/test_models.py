@@ -297,3 +297,37 @@ def test_hyperconnect_writes_the_normed_block_output_to_the_lanes():
     lanes, s = torch.randn(2, 1, 8, cfg.d_model), torch.randn(1, 8, cfg.d_model)
     want = torch.einsum("mn,nbtd->mbtd", inj.mixing[1], lanes) + inj.beta[1][:, None, None, None] * s
     torch.testing.assert_close(inj.step_output(lanes, s, 1), want)
+
+
+@pytest.mark.parametrize("injection", ["additive_normed", "additive_normed_per_layer"])
+def test_normed_injections_match_their_definition(injection):
+    """u = state + rms_norm(e) before the block (and, per layer, before every later layer of it)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg = LoopedConfig.tiny(r=2, injection=injection, d_model=32, vocab_size=64, seq_len=16, rec_depth=4)
+    model = LoopedLM(cfg).eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    cos, sin = model.rope_cos[:, :, :16], model.rope_sin[:, :, :16]
+    with torch.no_grad():
+        e = model.norm_emb(model.embed(tokens))
+        for block in model.prelude:
+            e = block(e, cos, sin)
+        en = F.rms_norm(e, (32,), eps=1e-6)
+        state = torch.zeros_like(e)
+        for _ in range(2):
+            h = state + en
+            for j, block in enumerate(model.rec_block):
+                if j and injection == "additive_normed_per_layer":
+                    h = h + en
+                h = block(h, cos, sin)
+            state = model.norm_recur(h)
+        for block in model.coda:
+            state = block(state, cos, sin)
+        expected = model.lm_head(model.final_norm(state)).float()
+        expected = cfg.softcap * torch.tanh(expected / cfg.softcap)
+        logits, _ = model(tokens)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    stats = model.last_loop_stats
+    assert stats["e_rms"] == pytest.approx(float(e.pow(2).mean().sqrt()), rel=1e-5)
+    assert len(stats["state_rms"]) == 2 and len(stats["state_change"]) == 1 and stats["state_change"][0] > 0

@@ -22,6 +22,7 @@ from training import results_store
 from training.ray_session import processes_of
 from tuning.spec import SweepSpec
 from tuning.sweep import absolute_storage, validate
+from two_cell_spec import two_cell_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESUME_LINE = "rerun the same command to resume"
@@ -30,20 +31,9 @@ RESUME_LINE = "rerun the same command to resume"
 def spec_dict(store: Path) -> dict:
     """Two cells of 10 steps (r in {1, 2} at one budget) after a 1-trial LR search at the r=1 cell: the grid trains
     one cell itself, the other is the search's run."""
-    return {
-        "name": "intr",
-        "storage": str(store),
-        "model": {"family": "tiny", "vocab_size": 1024, "seq_len": 64, "head_dim": 16},
-        "budgets": [{"compute": 6.0e9, "widths": [32]}],
-        "r": [1, 2],
-        "recipe": {"batch_tokens": 512, "micro_batch": 8, "eval_every": 4, "val_tokens": 1024,
-                   "checkpoint_every": 4, "max_failures": 1},
-        "lr": {"rule": "tuned", "search": {"trials": 1, "low": 1.0e-3, "high": 3.0e-2, "enqueue": [1.0e-2],
-                                           "pruner": "none", "width": 32, "r": 1, "concurrency": 1}},
-        "resources": {"num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 0, "trial_cpus": 0.1},
-        "concurrency": 1,
-        "fit": {"bootstrap": 0},
-    }
+    return two_cell_spec("intr", store, {"rule": "tuned", "search": {
+        "trials": 1, "low": 1.0e-3, "high": 3.0e-2, "enqueue": [1.0e-2], "pruner": "none", "width": 32, "r": 1,
+        "concurrency": 1}})
 
 
 class Driver:

@@ -95,12 +95,16 @@ def test_default_config_is_an_isoflop_design_with_branches_and_seed_noise():
     assert all(len(b.widths) >= 3 for b in spec.budgets)  # room for an interior IsoFLOP minimum
     baseline = [c for c in cells if c.variant == "baseline"]
     assert len(baseline) == sum(len(b.widths) for b in spec.budgets) * len(spec.r)
-    assert [c.variant for c in cells if c not in baseline] == ["seed_noise"]  # two seeds of one cell
+    noise = [c for c in cells if c not in baseline]
+    assert {c.variant for c in noise} == {"seed_noise"}  # three seeds of two looped cells (the loop check's noise)
+    assert len({(c.compute, c.width, c.r) for c in noise}) >= 2 and len(noise) >= 4
+    assert all(c.r > 1 for c in noise)
+    assert dict(spec.model.options)["injection"] == "additive_normed_per_layer"  # loops that work on the laptop
     assert spec.resources.per_trial["CPU"] <= 2 and not spec.resources.gpus_per_worker
     # wsd: one trained run per (width, r); the smaller budgets of a width are its cooldown branches
     runs = trials(cells, set())
     widths = {w for b in spec.budgets for w in b.widths}
-    assert len(runs) == len(widths) * len(spec.r) + 1
+    assert len(runs) == len(widths) * len(spec.r) + len(noise)
     assert sum(len(run.horizons or ()) + 1 for run, _ in runs) == len(cells)
 
 

@@ -164,6 +164,12 @@ class Trainer:
         self.state.loaders, self.state.rng = loaders, _rng_state()
         self.engine.save_checkpoint(folder, tag=DS_TAG, client_state={"train_state": self.state.to_dict()})
 
+    @staticmethod
+    def checkpoint_files(folder: str) -> list[Path]:
+        """The DeepSpeed files of a checkpoint folder (sorted), the ones `restore` reads."""
+        tag = Path(folder) / DS_TAG
+        return sorted(p for p in tag.iterdir() if p.is_file()) if tag.is_dir() else []
+
     def restore(self, folder: str) -> None:
         _, client = self.engine.load_checkpoint(folder, tag=DS_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
@@ -240,7 +246,9 @@ class Trainer:
         from training.loader import bits_per_byte
 
         cfg, start = self.cfg, self.state.step
-        snapshot = Path(tempfile.gettempdir()) / f"looplaw-branch-{cfg.run_id}-{horizon}"  # same on a node's ranks
+        # Same on a node's ranks (rank 0's host and pid, broadcast), unique to this worker group: two groups training
+        # the same run on one node never share it; training.loop removes those of dead groups.
+        snapshot = Path(tempfile.gettempdir()) / f"{BRANCH_PREFIX}{cfg.run_id}-{horizon}-{branch_owner()}"
         t0 = time.perf_counter()
         self.save(str(snapshot))
         t1 = time.perf_counter()
@@ -420,6 +428,44 @@ class Trainer:
         metrics.update(done=1, diverged=int(diverged))
         report(dict(metrics), True, summary)
         return summary
+
+
+BRANCH_PREFIX = "looplaw-branch-"
+_BRANCH_OWNER: str | None = None
+
+
+def branch_owner() -> str:
+    """`<host>-<pid>` of rank 0, the same on every rank (a collective the first time: every rank calls it at the
+    same step)."""
+    import os
+    import socket
+
+    global _BRANCH_OWNER
+    if _BRANCH_OWNER is None:
+        owner = [f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"]
+        if _distributed():
+            dist.broadcast_object_list(owner, src=0)
+        _BRANCH_OWNER = owner[0]
+    return _BRANCH_OWNER
+
+
+def verify_file(path: Path) -> str | None:
+    """Why a checkpoint file cannot be loaded (truncated, corrupted), or None when it reads whole. torch.save's
+    files are zip archives: every member is read and its CRC checked, nothing unpickled (cheap in memory)."""
+    import zipfile
+
+    try:
+        if path.stat().st_size == 0:
+            return f"{path.name}: empty file"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            return None if bad is None else f"{path.name}: member {bad} fails its CRC check"
+        if path.suffix == ".pt":  # a legacy (non-zip) torch file: load it to know
+            torch.load(path, map_location="cpu", weights_only=False)
+        return None
+    except Exception as exc:  # BadZipFile, OSError, EOFError, an unpickling error
+        return f"{path.name}: {type(exc).__name__}: {exc}"[:300]
 
 
 def write_summary(folder: str, summary: dict[str, Any]) -> None:

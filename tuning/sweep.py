@@ -17,6 +17,7 @@ once; see tuning.interrupt). Attaches to RAY_ADDRESS when set, else starts a pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -212,7 +213,15 @@ def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
         print(f"fit: skipped (analysis not importable: {exc})", file=out, flush=True)
         return None
     local = "://" not in spec.storage
-    folder = Path(spec.storage) if local else Path(tempfile.mkdtemp(prefix="law"))
+    folder = Path(spec.storage) if local else Path(tempfile.mkdtemp(prefix=f"law-{os.getpid()}-"))
+    try:
+        return _fit_into(spec, folder, local, analysis, out)
+    finally:  # also on an interrupt (tuning.interrupt raises inside the fit) or an error: no temp folder left
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fit_into(spec: SweepSpec, folder: Path, local: bool, analysis: Any, out) -> Any:
     base = spec.baseline.name
     try:
         law = analysis.fit_law(spec.storage, bootstrap=spec.fit.bootstrap, seed=spec.fit.seed, variant=base)
@@ -336,46 +345,143 @@ def _upload(folder: Path, uri: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-# ---- driver --------------------------------------------------------------------------------------------------------
+# ---- driver ----------------------------------------------------------------------------------------------------
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another driver writes this store; wait, or take over a dead one
+EXIT_STORE = 74  # EX_IOERR: the store could not be written (full, read-only, permission, lost mount)
+
+
 def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True, fit_partial: bool = False,
-              worker_logs: bool = False, out=sys.stdout, trainable=None) -> dict[str, Any]:
-    """Validate, connect, run the stages; returns {best_lr, plan, cells, counts, law, depth} (and `adaptive`, the
-    stop report of an adaptive sweep). On SIGINT / SIGTERM it prints how far it got and raises SweepInterrupted,
-    after fitting the partial grid only if `fit_partial`. `trainable` replaces the cell trainable (tests: a planted
-    law instead of training)."""
+              worker_logs: bool = False, out=sys.stdout, trainable=None, takeover: bool = False,
+              wait: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Validate, take the store's writer lock, connect, run the stages; returns {best_lr, plan, cells, counts, law,
+    depth} (and `adaptive`, the stop report of an adaptive sweep). On SIGINT / SIGTERM it prints how far it got and
+    raises SweepInterrupted, after fitting the partial grid only if `fit_partial`. `trainable` replaces the cell
+    trainable (tests: a planted law instead of training).
+
+    One writer per store (training.store_lock): another live sweep on the same store raises StoreLocked before
+    anything is written (`wait`: wait for it; `takeover`: take its lock anyway). A store that fails (full, read-only,
+    lost) raises StoreFailed naming it and the error."""
+    from training.store_errors import store_failure
+    from training.store_lock import StoreLock
+
     spec = absolute_storage(spec)
     cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
+    lock = StoreLock(spec.storage, command=command)
+    try:
+        lock.acquire(takeover=takeover, wait=wait, on_wait=lambda h: print(
+            f"store lock: {spec.storage} is in use by {h.describe()}; waiting for it", file=out, flush=True))
+    except OSError as exc:  # the store cannot even hold its lock (read-only, permission, lost mount)
+        raise store_failure(spec.storage, exc) or exc from exc
+    try:
+        if lock.took_over is not None:
+            print(f"store lock: took over {spec.storage} from {lock.took_over.describe()}: "
+                  f"{lock.took_over_reason}", file=out, flush=True)
+        return _run_locked(spec, cells, lock, num_cpus=num_cpus, fit=fit, fit_partial=fit_partial,
+                           worker_logs=worker_logs, out=out, trainable=trainable)
+    except (SweepInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        failed = store_failure(spec.storage, exc)
+        if failed is None:
+            raise
+        raise failed from exc
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit, fit_partial, worker_logs, out,
+                trainable) -> dict[str, Any]:
+    from training.store_errors import StoreFailed, probe_store
+
     print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
           f"{[v.name for v in spec.variants]}), LR {spec.lr.rule}, store {spec.storage}", file=out, flush=True)
-    try:
-        with ray_session(num_cpus=num_cpus, dashboard=True, log_to_driver=worker_logs), Interrupt(out) as interrupt:
-            best = lr_stage(spec, out, interrupt) if spec.lr.rule == "tuned" else None
-            plan: LRPlan = lr_plan(spec, best)
-            if best is not None:
-                print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
-                      f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
-            cells = expand(spec, plan)
-            if spec.adaptive is not None:
-                from tuning.adaptive import adaptive_stage
+    from tuning import progress
 
-                counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable)
-            else:
-                counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable), None
-    except SweepInterrupted as exc:
-        print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
-        if fit_partial:
-            fit_stage(spec, out)
-        raise
-    print(f"grid result: {counts}", file=out, flush=True)
-    noise = seed_noise_stage(spec, cells, out)
-    law = fit_stage(spec, out) if fit else None
-    depth = depth_stage(spec, out) if fit else []
+    store_errors: list[OSError] = []
+    # One handler for every stage, SIGINT ignored at start or not (tuning.interrupt says how).
+    with Interrupt(out) as interrupt, _quiet_tune_errors():
+        lock.on_lost = lambda why: interrupt.request(f"{why}; this driver stops writing")
+
+        def on_store_error(store: str, error: OSError) -> None:
+            """A trial failed on the store (tuning.progress): stop scheduling more, end with the store's error."""
+            if not store_errors:
+                store_errors.append(error)
+                interrupt.request(f"the store failed ({error.strerror or error}); stopping the stage")
+
+        def check_store(stage: str) -> None:
+            """The store failing under a stage that carried on (a trial's error, a heartbeat): stop with its error."""
+            error = (store_errors or [None])[0] or lock.error or probe_store(spec.storage)
+            if error is not None:
+                raise StoreFailed(spec.storage, error)
+            if lock.lost:
+                interrupt.raise_if_requested(f"{stage}: store lock lost ({lock.lost})")
+
+        progress.store_error_hook = on_store_error
+        try:
+            with ray_session(num_cpus=num_cpus, dashboard=True, log_to_driver=worker_logs):
+                best = lr_stage(spec, out, interrupt) if spec.lr.rule == "tuned" else None
+                plan: LRPlan = lr_plan(spec, best)
+                if best is not None:
+                    print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
+                          f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
+                cells = expand(spec, plan)
+                if spec.adaptive is not None:
+                    from tuning.adaptive import adaptive_stage
+
+                    counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable)
+                else:
+                    counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable), None
+                if counts.get("missing", 0) or counts.get("failed", 0):
+                    check_store("grid")
+        except SweepInterrupted as exc:
+            progress.store_error_hook = None
+            if store_errors:  # stopped because the store failed: say that, not "interrupted"
+                raise StoreFailed(spec.storage, store_errors[0]) from exc
+            print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
+            if fit_partial:
+                fit_stage(spec, out)
+            raise
+        finally:
+            progress.store_error_hook = None
+        print(f"grid result: {counts}", file=out, flush=True)
+        done = counts.get("completed", 0) + counts.get("diverged", 0)
+        try:
+            with interrupt.immediate(f"{done} of {sum(counts.values())} runs stored, the fit not finished "
+                                     "(a rerun trains nothing stored and fits again)"):
+                noise = seed_noise_stage(spec, cells, out)
+                law = fit_stage(spec, out) if fit else None
+                depth = depth_stage(spec, out) if fit else []
+        except SweepInterrupted as exc:
+            print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
+            raise
     result = {"best_lr": best, "plan": plan, "cells": cells, "counts": counts, "law": law, "depth": depth,
               "seed_noise": noise}
     return result if adaptive is None else {**result, "adaptive": adaptive}
 
 
+@contextlib.contextmanager
+def _quiet_tune_errors():
+    """Ray Tune logs every trial error and failed state sync with a whole traceback; the sweep prints one line per
+    trial error with its cause and the file holding the traceback (tuning.progress), and ends a failing store with
+    one line, so those logs are muted while the sweep runs."""
+    import logging
+
+    names = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.train._internal.syncer")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from training.store_errors import StoreFailed
+    from training.store_lock import StoreLocked
+
     t0 = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python tuning/sweep.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep spec YAML (default: laptop.yaml)")
@@ -386,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="fit the runs stored so far even when the sweep is interrupted (default: no fit)")
     parser.add_argument("--worker-logs", action="store_true",
                         help="stream the Ray workers' output (every Train report) to the console")
+    lock = parser.add_mutually_exclusive_group()
+    lock.add_argument("--wait", action="store_true",
+                      help="when another sweep writes the same store, wait for it to finish (default: refuse)")
+    lock.add_argument("--takeover", action="store_true",
+                      help="take the store's writer lock from its holder: only after checking that it is gone")
     args = parser.parse_args(argv)
     try:
         spec = SweepSpec.from_yaml(args.config, storage=args.storage)
@@ -393,12 +504,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    command = " ".join(["python tuning/sweep.py", *(argv if argv is not None else sys.argv[1:])])
     try:
         result = run_sweep(spec, num_cpus=args.num_cpus, fit=not args.no_fit, fit_partial=args.fit_partial,
-                           worker_logs=args.worker_logs)
+                           worker_logs=args.worker_logs, takeover=args.takeover, wait=args.wait, command=command)
+    except StoreLocked as exc:
+        print(f"error: {exc}; wait for it to finish (or rerun with --wait), or, if that process is gone (check the "
+              f"host), rerun with --takeover", file=sys.stderr, flush=True)
+        return EXIT_LOCKED
+    except StoreFailed as exc:
+        print(f"error: {exc}; nothing half-written is kept: fix the store (free space, permissions, mount) and "
+              "rerun the same command to resume", file=sys.stderr, flush=True)
+        return EXIT_STORE
     except SweepInterrupted as exc:
         return exc.exit_code
-    except KeyboardInterrupt:  # before Ray started, or during the fit: nothing of the sweep is lost
+    except KeyboardInterrupt:  # before the lock, or while waiting for it: nothing of the sweep is lost
         print("interrupted; rerun the same command to resume", flush=True)
         return 130
     wall = time.perf_counter() - t0
