@@ -135,7 +135,16 @@ class LoopCheck:
         meaning = ("phi here prices shallow networks, not recurrence: do not read it as what a loop is worth"
                    if share >= 0.5 else "these runs pull phi toward what a shallower network is worth")
         return (f"{len(self.idle)} of {len(m)} looped runs leave their loops idle (loss at one recurrence within "
-                f"{self.threshold:.4f} nats = {IDLE_SD_MULTIPLE:g} seed sd of the trained r's): {names}; {meaning}")
+                f"{self.threshold:.4f} nats = {IDLE_SD_MULTIPLE:g} seed sd of the trained r's; {self.by_budget()}): "
+                f"{names}; {meaning}")
+
+    def by_budget(self) -> str:
+        """Idle / measured looped runs per budget: loops often switch on only in the longer runs."""
+        m = self.measured
+        if m["compute"].isna().all():
+            return "budgets unknown"
+        parts = [f"C={c:.3g}: {int(g['idle'].sum())}/{len(g)} idle" for c, g in m.groupby("compute", sort=True)]
+        return ", ".join(parts)
 
     def line(self) -> str:
         m = self.measured
@@ -144,7 +153,7 @@ class LoopCheck:
         working = len(m) - len(self.idle)
         gains = m["loop_gain"]
         text = (f"loops: {working}/{len(m)} looped runs use their loops (gain from r'=1 to the trained r "
-                f"{gains.min():+.4f} to {gains.max():+.4f} nats, threshold {self.threshold:.4f} = "
+                f"{gains.min():+.4f} to {gains.max():+.4f} nats; {self.by_budget()}; threshold {self.threshold:.4f} = "
                 f"{IDLE_SD_MULTIPLE:g} x {self.noise.describe()})")
         unmeasured = len(self.runs) - len(m)
         if unmeasured:
@@ -159,6 +168,7 @@ class LoopCheck:
             "seed_sd": self.noise.sd, "seed_sd_source": self.noise.source, "replicate_sd": self.noise.replicate_sd,
             "residual_sd": self.noise.residual_sd, "replicate_groups": self.noise.n_groups,
             "gains": {row.label: row.loop_gain for row in m.itertuples()},
+            "by_budget": self.by_budget(),
             "warning": self.warning,
         }
 
@@ -179,10 +189,15 @@ def check_loops(frame: pd.DataFrame, *, store_frame: pd.DataFrame | None = None,
     def column(name: str) -> pd.Series:
         return looped[name].astype(float) if name in looped else pd.Series(np.nan, index=looped.index)
 
+    compute = looped["budget_compute"] if "budget_compute" in looped else looped.get("compute")
+    if compute is not None:
+        compute = compute.where(compute.notna(), looped.get("compute"))
+        # a cooldown branch carries its parent's name: the budget tells them apart
+        label = label.where(~label.duplicated(keep=False), label + compute.map(lambda c: f" @C={c:.3g}"))
     ratio = column("e_rms") / column("state_rms")
     runs = pd.DataFrame({"label": label, "r": looped["r"].astype(int),
                          "d_model": looped["d_model"] if "d_model" in looped else np.nan,
-                         "compute": looped["compute"] if "compute" in looped else np.nan,
+                         "compute": compute if compute is not None else np.nan,
                          "loop_gain": gains, "e_state_ratio": ratio, "state_change": column("state_change")})
     runs["idle"] = runs["loop_gain"] < threshold
     return LoopCheck(runs=runs.reset_index(drop=True), noise=noise, threshold=threshold, variant=variant)
