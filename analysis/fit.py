@@ -234,5 +234,9 @@ def _is_store(source: str) -> bool:
 
 def fit_probe(results: Any, baseline: ScalingLaw, variant: str | None = None, bootstrap: int = 1000,
               seed: int | None = 0, **kwargs) -> ScalingLaw:
-    """Refit only phi for a variant (truncated backprop, hyper-connections) against a baseline law."""
+    """Refit only phi for a variant (truncated backprop, hyper-connections) against a baseline law.
+
+    Every other coefficient is frozen at the baseline's point estimate, so the interval of phi ignores the baseline's
+    own uncertainty (its E, A, alpha, B, beta and its phi's error): too narrow for a difference of phis. For
+    phi_variant - phi_baseline with an interval that carries both, use analysis.compare (one joint fit)."""
     return fit_law(results, bootstrap=bootstrap, seed=seed, variant=variant, baseline=baseline, **kwargs)

@@ -151,6 +151,37 @@ def predict_precision(law: ScalingLaw, points: DesignPoints, noise: float = 0.01
                      total_flops=float(points.flops.sum()), n_runs=len(points), noise=noise, level=level)
 
 
+def predict_difference(law: ScalingLaw, baseline: DesignPoints, variant: DesignPoints, phi_variant: float | None = None,
+                       noise: float = 0.01, *, delta: float = DEFAULT_DELTA,
+                       level: float = DEFAULT_LEVEL) -> dict[str, float]:
+    """Predicted sd of phi_baseline, phi_variant and delta phi = phi_variant - phi_baseline for a joint fit of two
+    variants (analysis.compare: E, A, alpha, B, beta shared, one phi each): the inverse Fisher information of the
+    joint model, theta = (a, alpha, b, beta, e, phi_baseline, phi_variant), gives
+    sd(delta phi) = sqrt(var phi_v + var phi_b - 2 cov), times the Huber fit's variance factor as predict_precision.
+    phi_variant: the variant's phi at which the information is taken (default: the law's)."""
+    _check_noise(noise)
+    theta_b = _theta(law)
+    theta_v = theta_b.copy()
+    if phi_variant is not None:
+        theta_v[I_PHI] = phi_variant
+    jb, jv = log_predict_jacobian(theta_b, baseline), log_predict_jacobian(theta_v, variant)
+    shared = list(range(I_PHI))
+    jac = np.vstack([np.column_stack([jb[:, shared], jb[:, I_PHI], np.zeros(len(jb))]),
+                     np.column_stack([jv[:, shared], np.zeros(len(jv)), jv[:, I_PHI]])])
+    cov = covariance(jac.T @ jac) * noise ** 2
+    k = variance_factor(noise, delta)
+    z = float(norm.ppf(0.5 + level / 2))
+    var_b, var_v, cov_bv = cov[I_PHI, I_PHI], cov[I_PHI + 1, I_PHI + 1], cov[I_PHI, I_PHI + 1]
+    crb = {"phi_baseline": float(np.sqrt(var_b)), "phi_variant": float(np.sqrt(var_v)),
+           "delta_phi": float(np.sqrt(var_v + var_b - 2 * cov_bv))}
+    out: dict[str, float] = {}
+    for name, v in crb.items():
+        out[f"{name}_sd"] = float(v * np.sqrt(k))
+        out[f"{name}_halfwidth"] = float(z * v * np.sqrt(k))
+        out[f"{name}_sd_cramer_rao"] = v
+    return {**out, "noise": noise, "level": level, "n_baseline": len(baseline), "n_variant": len(variant)}
+
+
 def fitted_precision(law: ScalingLaw, points: DesignPoints, loss: np.ndarray, *, delta: float = DEFAULT_DELTA,
                      level: float = DEFAULT_LEVEL) -> Precision:
     """The precision a fit has on its own runs: the prediction at the fitted law, with the noise its residuals show

@@ -1,25 +1,18 @@
-"""`python -m analysis plan SPEC`: a sweep spec's grid priced before it runs (see analysis.planning).
+"""A sweep's grid priced before it runs (see analysis.planning), on plain cells.
 
-The spec is expanded by the sweep's own code (tuning.grid), so the runs priced are exactly those the sweep would
-train: the baseline variant's cells with models.accounting's N_once, N_rec, F and tokens.
+A cell here is anything with `.run` (the RunConfig that trains it: models.accounting reads N_once, N_rec, F and
+tokens from it), `.label`, `.compute`, `.width`, `.r` and `.variant`. The sweep layer expands a spec into such cells
+(tuning.plan, behind `python -m analysis plan SPEC`); the analysis layer never imports tuning.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from . import planning
 from .law import ScalingLaw
-
-
-def _cells(spec_path: str):
-    from tuning.grid import candidate_cells, expand
-    from tuning.spec import SweepSpec
-
-    spec = SweepSpec.from_yaml(spec_path)
-    return spec, [c for c in expand(spec) if c.variant == spec.baseline.name], candidate_cells
 
 
 def _points(cells) -> planning.DesignPoints:
@@ -42,17 +35,18 @@ def _design(cells, points: planning.DesignPoints, picks: list[int], precision: p
     return {**precision.to_dict(), "cells": _cell_rows(chosen, points.subset(picks))}
 
 
-def plan_spec(spec_path: str, law: ScalingLaw, noise: float = 0.01, *, suggest: bool = False, simulate: int = 0,
-              seed: int = 0, n_jobs: int | None = None) -> dict[str, Any]:
-    """The plan as a JSON-able dict: phi_sd, phi_halfwidth, ..., total_flops, cells (+ suggest, simulate)."""
-    spec, cells, candidate_cells = _cells(spec_path)
+def plan_cells(name: str, cells: Sequence[Any], law: ScalingLaw, noise: float = 0.01, *,
+               candidates: Callable[[], Sequence[Any]] | None = None, simulate: int = 0, seed: int = 0,
+               n_jobs: int | None = None) -> dict[str, Any]:
+    """The plan of sweep `name` training `cells`, as a JSON-able dict: phi_sd, phi_halfwidth, ..., total_flops,
+    cells (+ suggest, when `candidates` gives the cells a better grid may pick from; + simulate)."""
     points = _points(cells)
     precision = planning.predict_precision(law, points, noise)
     info = planning.phi_information(law, points, noise)
-    out: dict[str, Any] = {"spec": spec.name, "prior": law.coefficients, **precision.to_dict(),
+    out: dict[str, Any] = {"spec": name, "prior": law.coefficients, **precision.to_dict(),
                            "cells": _cell_rows(cells, points, info)}
-    if suggest:
-        pool = candidate_cells(spec)
+    if candidates is not None:
+        pool = list(candidates())
         pool_points = _points(pool)
         found = planning.suggest(law, points, pool_points, noise)
         out["suggest"] = {"n_candidates": len(pool)} | {
@@ -110,27 +104,20 @@ def render(plan: dict[str, Any], top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def isoflop_optima(spec: Any, law: ScalingLaw) -> list[dict[str, Any]]:
-    """Per budget and r of the spec's baseline: the width the law predicts lowest at that budget, searched over
-    every valid width from the budget's smallest to its largest, and whether it is interior (strictly between
-    them). An interior optimum at every budget is what makes an IsoFLOP grid pin the law's parameter term."""
-    from tuning.grid import run_config
-
+def isoflop_optima(law: ScalingLaw, cells: Sequence[Any], grids: Mapping[float, Sequence[int]]) -> list[dict[str, Any]]:
+    """Per budget and r: the width the law predicts lowest among `cells` (plain cells, one per candidate width of
+    each budget and r, in order of width), and whether it is interior (strictly inside the range searched).
+    `grids` maps each budget to the widths its grid trains. An interior optimum at every budget is what makes an
+    IsoFLOP grid pin the law's parameter term."""
+    curves: dict[tuple[float, int], list[Any]] = {}
+    for c in cells:
+        curves.setdefault((c.compute, c.r), []).append(c)
     out = []
-    for budget in spec.budgets:
-        lo, hi = min(budget.widths), max(budget.widths)
-        for r in spec.r:
-            widths, runs = [], []
-            for width in range(lo, hi + 1):
-                try:
-                    runs.append(run_config(spec, compute=budget.compute, width=width, r=r, variant=spec.baseline,
-                                           lr=1e-3))
-                except ValueError:  # not a width of the family (e.g. not a multiple of head_dim)
-                    continue
-                widths.append(width)
-            points = planning.DesignPoints.from_runs(runs)
-            loss = np.asarray(law.predict(points.n_once, points.n_rec, points.r, points.tokens), dtype=float)
-            best = int(np.argmin(loss))
-            out.append({"budget": budget.compute, "r": r, "width": widths[best], "loss": float(loss[best]),
-                        "grid": sorted(budget.widths), "interior": 0 < best < len(runs) - 1})
+    for (budget, r), curve in curves.items():
+        curve = sorted(curve, key=lambda c: c.width)
+        points = planning.DesignPoints.from_runs([c.run for c in curve])
+        loss = np.asarray(law.predict(points.n_once, points.n_rec, points.r, points.tokens), dtype=float)
+        best = int(np.argmin(loss))
+        out.append({"budget": budget, "r": r, "width": curve[best].width, "loss": float(loss[best]),
+                    "grid": sorted(grids[budget]), "interior": 0 < best < len(curve) - 1})
     return out

@@ -17,6 +17,7 @@ memory. `--profile` adds a torch-profiler table of the first configuration's ste
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -28,9 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
 
+import ray.train  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from bench.synthetic_data import write_synthetic_prepared  # noqa: E402
+from models import LoopedLM  # noqa: E402
 from training.config import RunConfig  # noqa: E402
+from training.monitor import device_peak_flops, mfu  # noqa: E402
+from training.optim import param_groups  # noqa: E402
+from training.ray_session import ray_session  # noqa: E402
+from training.trainer import Trainer, configure_cpu, global_sum  # noqa: E402
 
 
 def bench_config(args) -> RunConfig:
@@ -75,10 +86,6 @@ def medians(times: list[tuple[float, float]]) -> tuple[float, float]:
 
 def bare_stepper(cfg: RunConfig, threads: int):
     """The reference: plain PyTorch AdamW with the same groups, accumulation, clipping and CPU settings."""
-    from models import LoopedLM
-    from training.optim import param_groups
-    from training.trainer import configure_cpu
-
     configure_cpu(threads)
     torch.manual_seed(cfg.seed)
     model = LoopedLM(cfg.model)
@@ -111,8 +118,6 @@ def ray_worker(config: dict) -> list[tuple[float, float]]:
 
     Steps in rounds, each started by the driver through a file in `sync`, so that Ray and bare rounds alternate
     and share whatever else loads the machine at the time."""
-    from training.trainer import Trainer, configure_cpu, global_sum
-
     cfg = RunConfig.from_dict(config["run"])
     configure_cpu(config["threads"])
     trainer = Trainer(cfg, config["data"])
@@ -136,58 +141,50 @@ def ray_worker(config: dict) -> list[tuple[float, float]]:
 def interleaved_step_times(cfg: RunConfig, args) -> tuple[list, list]:
     """(bare, ray) step times: a 1-worker TorchTrainer runs in a thread while this process runs the bare model,
     the two taking turns round by round."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     bare_step = bare_stepper(cfg, args.threads)
     timed_steps(bare_step, 0, args.warmup)
     tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")
     sync = Path(tmp) / "sync"
     sync.mkdir()
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, _temp_dir=tmp,
-             logging_level="INFO" if args.verbose else "WARNING", log_to_driver=args.verbose)
     out: dict = {}
     try:
-        from bench.synthetic_data import write_synthetic_prepared
+        # A private local Ray through the project's one way to a Ray (training.ray_session), reaped with this process.
+        with ray_session("local", num_cpus=args.threads, log_to_driver=args.verbose,
+                         logging_level="INFO" if args.verbose else "WARNING"):
+            data = write_synthetic_prepared(f"{tmp}/data", cfg.model.vocab_size, train_tokens=200_000,
+                                            val_tokens=4 * cfg.model.seq_len, doc_tokens=min(1500, cfg.model.seq_len))
+            trainer = TorchTrainer(
+                ray_worker,
+                train_loop_config={"run": cfg.to_dict(), "data": data, "threads": args.threads, "steps": args.steps,
+                                   "warmup": args.warmup, "rounds": args.rounds, "sync": str(sync)},
+                torch_config=TorchConfig(backend="gloo"),
+                scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
+                run_config=ray.train.RunConfig(name="bench_step", storage_path=f"{tmp}/storage"),
+            )
 
-        data = write_synthetic_prepared(f"{tmp}/data", cfg.model.vocab_size, train_tokens=200_000,
-                                        val_tokens=4 * cfg.model.seq_len, doc_tokens=min(1500, cfg.model.seq_len))
-        trainer = TorchTrainer(
-            ray_worker,
-            train_loop_config={"run": cfg.to_dict(), "data": data, "threads": args.threads, "steps": args.steps,
-                               "warmup": args.warmup, "rounds": args.rounds, "sync": str(sync)},
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
-            run_config=ray.train.RunConfig(name="bench_step", storage_path=f"{tmp}/storage"),
-        )
+            def fit():
+                try:
+                    out["ray"] = trainer.fit().return_value
+                except BaseException as exc:  # surfaced below
+                    out["error"] = exc
 
-        def fit():
-            try:
-                out["ray"] = trainer.fit().return_value
-            except BaseException as exc:  # surfaced below
-                out["error"] = exc
-
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        _wait_for(sync / "ready", thread.is_alive)
-        bare = []
-        for i in range(args.rounds):
-            bare += timed_steps(bare_step, args.steps, 0)
-            (sync / f"go{i}").touch()
-            _wait_for(sync / f"done{i}", thread.is_alive)
-        thread.join()
-        if "error" in out:
-            raise out["error"]
-        return bare, out["ray"]
+            thread = threading.Thread(target=fit, daemon=True)
+            thread.start()
+            _wait_for(sync / "ready", thread.is_alive)
+            bare = []
+            for i in range(args.rounds):
+                bare += timed_steps(bare_step, args.steps, 0)
+                (sync / f"go{i}").touch()
+                _wait_for(sync / f"done{i}", thread.is_alive)
+            thread.join()
+            if "error" in out:
+                raise out["error"]
+            return bare, out["ray"]
     finally:
-        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cpu_main(args) -> int:
-    from training.monitor import device_peak_flops, mfu
-
     cfg = bench_config(args)
     tokens = cfg.batch_tokens
     peak = device_peak_flops(False, args.threads)
@@ -219,8 +216,6 @@ def study_micro_batch(size: int) -> int:
 
 def single_process_group(backend: str) -> None:
     """A world of one, as Ray Train would set up, so DeepSpeed runs outside Ray."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
@@ -276,8 +271,6 @@ def gpu_step_time(trainer, args, profile_to: str | None) -> float:
     print(f"  host enqueue {statistics.median(host) * 1e3:.1f} ms of a {statistics.median(times) * 1e3:.1f} ms step",
           flush=True)
     if profile_to:
-        from torch.profiler import ProfilerActivity, profile
-
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 trainer.train_step()
@@ -292,12 +285,6 @@ def gpu_step_time(trainer, args, profile_to: str | None) -> float:
 
 
 def gpu_main(args) -> int:
-    import gc
-
-    from bench.synthetic_data import write_synthetic_prepared
-    from training.monitor import device_peak_flops, mfu
-    from training.trainer import Trainer
-
     if not torch.cuda.is_available():
         print("--gpu: no CUDA device visible", file=sys.stderr)
         return 2

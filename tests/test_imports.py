@@ -1,5 +1,6 @@
 """No import cycle among the packages: every module imports alone in a fresh interpreter, and the graph of every
-project import (those inside functions included, which hide cycles from the first check) has no cycle."""
+project import (those inside functions included, which hide cycles from the first check) has no cycle. The layers
+point one way: analysis (the law) never imports tuning (the sweep), which uses it."""
 import ast
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def test_the_import_graph_has_no_cycle():
     for node in sorted(graph):
         if node not in state:
             walk(node)
+
+
+def test_the_analysis_layer_never_imports_tuning():
+    offenders = {name: sorted(t for t in _imports(name, path) if t == "tuning" or t.startswith("tuning."))
+                 for name, path in MODULES.items() if name == "analysis" or name.startswith("analysis.")}
+    assert len(offenders) > 5  # the check sees the package
+    assert not {name: found for name, found in offenders.items() if found}
 
 
 def _import_alone(name: str) -> str | None:

@@ -84,7 +84,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> Iterator[str]:
+def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool, log_options: dict) -> Iterator[str]:
     import ray
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 chars
@@ -103,7 +103,7 @@ def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> 
         options = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp,
-                 log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars}, **options)
+                 log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars}, **log_options, **options)
         yield tmp
     finally:
         ray.shutdown()
@@ -119,25 +119,28 @@ def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> 
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False,
-                log_to_driver: bool = True) -> Iterator[str | None]:
+                log_to_driver: bool = True, logging_level: int | str | None = None) -> Iterator[str | None]:
     """Ray for the duration of the block; yields the private Ray's temp dir (None when attached to a cluster or to
     the Ray this process already has). `address="local"` always starts a private Ray (the tests), whatever
     RAY_ADDRESS says. `num_cpus` sizes a private Ray (default: all cores); `dashboard` starts its dashboard (the
-    sweep needs it, see above); `log_to_driver=False` keeps the workers' output in the Ray logs."""
+    sweep needs it, see above); `log_to_driver=False` keeps the workers' output in the Ray logs; `logging_level` is
+    the driver's "ray" logger level (default Ray's, INFO). Ray keeps the handlers the caller gave that logger
+    (tuning.console routes it to a file); `ray.init(configure_logging=False)` would remove them."""
     import ray
 
+    log_options = {} if logging_level is None else {"logging_level": logging_level}
     if ray.is_initialized():
         yield None
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, **log_options)
         try:
             yield None
         finally:
             ray.shutdown()
         return
-    with _private_ray(num_cpus, dashboard, log_to_driver) as tmp:
+    with _private_ray(num_cpus, dashboard, log_to_driver, log_options) as tmp:
         yield tmp
 
 

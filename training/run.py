@@ -17,17 +17,27 @@ import sys
 import time
 from typing import Any, Iterable
 
+import deepspeed
+import ray
+import ray.train
+import torch
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from models.accounting import param_counts, training_compute
 from training import results_store
 from training.config import RunConfig
+from training.loader import load_meta
+from training.loop import train_loop
+from training.prepare import ensure_default_data
 from training.ray_session import ray_session
 from training.storage import storage_root
+from training.trainer import read_summary
+
 
 def check_data(cfg: RunConfig, data_dir: str | None = None) -> dict | None:
     """Check a prepared folder against the model before any training starts; returns its meta (None for an
     unprepared default corpus, which is prepared to fit the model's vocabulary)."""
-    from training.loader import load_meta
-
     if data_dir is None:
         if cfg.data == "default":
             return None
@@ -48,8 +58,6 @@ def resolve_data(cfg: RunConfig) -> str:
     if cfg.data != "default":
         check_data(cfg)
         return cfg.data
-    from training.prepare import ensure_default_data
-
     path = ensure_default_data(vocab_size=cfg.model.vocab_size)  # cached under $LOOPLAW_DATA_ROOT
     check_data(cfg, path)
     return path
@@ -58,11 +66,6 @@ def resolve_data(cfg: RunConfig) -> str:
 def build_trainer(cfg: RunConfig, callbacks: Iterable[Any] = (), name: str | None = None):
     """The TorchTrainer of one run. Its Ray Train folder is STORAGE/ray/<name or run_id>: fitting it again after an
     interruption resumes from its newest checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from training.loop import train_loop
-
     data_dir = resolve_data(cfg)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -84,10 +87,6 @@ def build_trainer(cfg: RunConfig, callbacks: Iterable[Any] = (), name: str | Non
 
 
 def versions() -> dict[str, str]:
-    import deepspeed
-    import ray
-    import torch
-
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "deepspeed": deepspeed.__version__}
 
@@ -141,8 +140,6 @@ def loop_columns(loop: dict[str, Any] | None) -> dict[str, float | None]:
 
 
 def _summary_from_checkpoint(checkpoint) -> dict[str, Any] | None:
-    from training.trainer import read_summary
-
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -155,8 +152,6 @@ def execute(cfg: RunConfig, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     A run already in the store is returned as stored without training, unless it failed (a failure is the
     infrastructure's, not a result, so it is retried; the new row replaces the old one).
     """
-    from ray.train import TrainingFailedError
-
     store = storage_root(cfg)
     stored = results_store.read_run(store, cfg.run_id)
     if stored is not None and stored["status"] != "failed":

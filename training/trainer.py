@@ -13,18 +13,29 @@ import base64
 import dataclasses
 import json
 import math
+import os
+import shutil
+import socket
+import tempfile
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from models import LoopedLM
 from training.config import RunConfig
 from training.depth_eval import evaluate, evaluate_depths
+from training.loader import TokenLoader, bits_per_byte, load_meta, validation_batches
+from training.monitor import device_peak_flops, mfu
 from training.optim import apply_lr, build_engine
+from training.prefetch import BatchPrefetcher
 
 SPIKE_WINDOW = 20  # logged windows in the running mean the spike guard compares against
 SPIKE_MIN_HISTORY = 5  # no spike verdict before this many windows: early losses fall fast
@@ -92,8 +103,6 @@ def _rng_state() -> str:
 
 
 def _set_rng_state(encoded: str) -> None:
-    import numpy as np
-
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()))
 
 
@@ -121,10 +130,6 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, data_dir: str, rank: int = 0, world: int = 1,
                  device: torch.device | None = None, scalars: Any = None):
-        from models import LoopedLM
-        from training.loader import TokenLoader, load_meta, validation_batches
-        from training.monitor import device_peak_flops
-
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = device or torch.device("cpu")
         self.on_gpu = self.device.type == "cuda"
@@ -140,8 +145,6 @@ class Trainer:
             compile_model(model, sampled_r=cfg.model.sample_r_mean is not None)
         self.engine = build_engine(model, cfg, self.on_gpu)
         if cfg.zero_stage == 3:
-            import deepspeed
-
             # The lean loss reads lm_head.weight outside lm_head's own forward: ZeRO-3 must gather it for the model's.
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         self.loader = TokenLoader(data_dir, "train", cfg.model.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed)
@@ -193,8 +196,6 @@ class Trainer:
         return total / self.cfg.grad_accum
 
     def start_batches(self) -> None:
-        from training.prefetch import BatchPrefetcher
-
         if self.batches is None:
             self.batches = BatchPrefetcher(self.loader, self.device)
 
@@ -241,10 +242,6 @@ class Trainer:
     def run_branch(self, horizon: int) -> dict[str, Any]:
         """Cool down from the current stable-phase state to `horizon` steps, evaluate, then put weights, optimizer,
         data position and RNG back as they were, so the main run goes on exactly as if no branch had run."""
-        import tempfile
-
-        from training.loader import bits_per_byte
-
         cfg, start = self.cfg, self.state.step
         # Same on a node's ranks (rank 0's host and pid, broadcast), unique to this worker group: two groups training
         # the same run on one node never share it; training.loop removes those of dead groups.
@@ -283,8 +280,6 @@ class Trainer:
         if _distributed():
             dist.barrier()  # every rank has read the snapshot
         if self.rank == 0:
-            import shutil
-
             shutil.rmtree(snapshot, ignore_errors=True)
         return result
 
@@ -294,9 +289,6 @@ class Trainer:
 
         `report(metrics, checkpoint, summary)` is called at every eval (checkpoint False), every `checkpoint_every`
         steps (checkpoint True: the caller saves with `self.save`) and once at the end with the summary."""
-        from training.loader import bits_per_byte
-        from training.monitor import mfu
-
         cfg, state = self.cfg, self.state
         total_steps, world = cfg.steps, self.world
         flops = cfg.flops_per_token
@@ -437,9 +429,6 @@ _BRANCH_OWNER: str | None = None
 def branch_owner() -> str:
     """`<host>-<pid>` of rank 0, the same on every rank (a collective the first time: every rank calls it at the
     same step)."""
-    import os
-    import socket
-
     global _BRANCH_OWNER
     if _BRANCH_OWNER is None:
         owner = [f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"]
@@ -452,8 +441,6 @@ def branch_owner() -> str:
 def verify_file(path: Path) -> str | None:
     """Why a checkpoint file cannot be loaded (truncated, corrupted), or None when it reads whole. torch.save's
     files are zip archives: every member is read and its CRC checked, nothing unpickled (cheap in memory)."""
-    import zipfile
-
     try:
         if path.stat().st_size == 0:
             return f"{path.name}: empty file"

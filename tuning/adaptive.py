@@ -21,10 +21,18 @@ import sys
 from typing import Any
 
 import pandas as pd
+from ray import tune
 from ray.tune.search import Searcher
 
+from analysis import ScalingLaw, engine, fit_law
+from analysis.planning import DesignPoints, fitted_precision, greedy_design
+from training import results_store
+from training.storage import filesystem
 from tuning.grid import Cell, LRPlan, candidate_cells
+from tuning.interrupt import InterruptStopper
+from tuning.progress import Progress
 from tuning.spec import SweepSpec
+from tuning.trainable import cell_payload
 from tuning.tune_setup import METRIC, _dirname, _trainable, _tune_run_config, concurrency, stored_status
 
 TARGET = "target"
@@ -33,8 +41,6 @@ STOP_REASONS = {TARGET: "target half-width reached", BUDGET: "FLOP budget spent 
 
 
 def load_prior(spec: SweepSpec):
-    from analysis import ScalingLaw
-
     prior = spec.adaptive.prior
     law = ScalingLaw.reference() if prior == "reference" else ScalingLaw.load(prior)
     if law.phi is None:
@@ -46,8 +52,6 @@ class AdaptivePlanner:
     """The sweep's design so far (finished runs from the store, running cells) and the law it is planned at."""
 
     def __init__(self, spec: SweepSpec, cells: list[Cell], rows: list[dict[str, Any]]):
-        from analysis.planning import DesignPoints
-
         self.spec, self.cells = spec, cells
         self.settings = spec.adaptive
         self.candidates = DesignPoints.from_runs([c.run for c in cells], [c.label for c in cells])
@@ -68,8 +72,6 @@ class AdaptivePlanner:
 
     @classmethod
     def from_store(cls, spec: SweepSpec, cells: list[Cell]) -> "AdaptivePlanner":
-        from training import results_store
-
         rows = [r for r in results_store.read_runs(spec.storage).to_pylist()
                 if r["variant"] == spec.baseline.name and r["status"] in ("completed", "diverged")]
         return cls(spec, cells, rows)
@@ -89,14 +91,10 @@ class AdaptivePlanner:
 
     @staticmethod
     def _points(rows: list[dict[str, Any]]):
-        from analysis.planning import DesignPoints
-
         return DesignPoints.from_arrays(*([r[k] for r in rows] for k in ("n_once", "n_rec", "r", "tokens", "compute")))
 
     def next_cell(self) -> tuple[int, Cell] | None:
         """The affordable candidate with the largest drop of var(phi) per FLOP; None when none fits."""
-        from analysis.planning import greedy_design
-
         taken = {self.index[run_id] for run_id in self.rows if run_id in self.index}
         exclude = taken | set(self.pending.values()) | self.failed
         base = self._points(self.completed).concat(self.candidates.subset(sorted(self.pending.values())))
@@ -118,9 +116,6 @@ class AdaptivePlanner:
         n = len(done)
         if n < self.settings.initial_runs or (n == self.fitted_runs and not force):
             return
-        from analysis import engine, fit_law
-        from analysis.planning import fitted_precision
-
         try:
             fit = fit_law(pd.DataFrame(done), bootstrap=0, extrapolation=False, form="looped", init=self.fit,
                           n_starts=engine.DEFAULT_N_STARTS if force else 4, profile=force)
@@ -160,8 +155,6 @@ class AdaptiveSearcher(Searcher):
         self.planner = planner
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        from tuning.trainable import cell_payload
-
         planner = self.planner
         if planner.stopped:
             return Searcher.FINISHED
@@ -176,8 +169,6 @@ class AdaptiveSearcher(Searcher):
         return {"cell": cell_payload(cell.run, r=cell.r, label=cell.label)}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from training import results_store
-
         index = self.planner.pending.pop(trial_id, None)
         if index is not None:
             self.planner.record(results_store.read_run(self.planner.spec.storage, self.planner.cells[index].run_id),
@@ -195,11 +186,6 @@ def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None
                    trainable=None) -> tuple[dict[str, int], dict]:
     """Run the adaptive sweep to its stop; returns (run counts by status, the stop report). Raises SweepInterrupted
     when `interrupt` (tuning.interrupt) fires: the store keeps what finished, and a rerun carries on."""
-    from ray import tune
-
-    from tuning.interrupt import InterruptStopper
-    from tuning.progress import Progress
-
     cells = candidate_cells(spec, plan)
     planner = AdaptivePlanner.from_store(spec, cells)
     a = spec.adaptive
@@ -237,8 +223,6 @@ def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None
 
 
 def _save_report(storage: str, report: dict) -> None:
-    from training.storage import filesystem
-
     fs, root = filesystem(storage)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root.rstrip('/')}/adaptive.json") as f:

@@ -81,6 +81,13 @@ class Interrupt:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def reinstall(self) -> None:
+        """Take the signals back after `ray.init`: connecting a driver installs Ray's native SIGTERM handler, which
+        ends the process at once ("*** SIGTERM received ***") instead of letting the sweep stop and say how far it
+        got (`ray job stop` sends SIGTERM)."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
     def __exit__(self, *exc: Any) -> None:
         if not self._previous:
             return

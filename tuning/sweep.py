@@ -6,9 +6,9 @@
 Stages: (1) the LR search (when the spec's LR rule is `tuned`): TPE over log-LR at one small cell, bad trials
 pruned by the Optuna pruner through tuning.pruning; (2) the grid: one Tune trial per cell not yet in the results
 store, LR transferred from the search (or, with `adaptive:` in the spec, tuning.adaptive's sweep: one cell at a
-time where it narrows phi most per FLOP, until a target half-width or a FLOP budget); (3) the fit (analysis, when
-importable): law JSON and plots in the store, and per variant whether test-time recurrences beyond the trained r
-help or hurt.
+time where it narrows phi most per FLOP, until a target half-width or a FLOP budget); (3) the fit (analysis): law
+JSON and plots in the store, and per variant whether test-time recurrences beyond the trained r help or hurt.
+The console carries these stages' own lines; Ray's and Tune's messages go to STORE/logs/ (tuning.console).
 Rerunning the same spec resumes: stored runs are skipped, interrupted ones relaunched (training resumes them from
 their checkpoints), the Optuna study reopened. Ctrl-C (or `ray job stop`) stops it cleanly: it says how far it got
 and how to resume, fits nothing from a partial grid unless --fit-partial, and exits 130 (a second Ctrl-C stops at
@@ -17,7 +17,7 @@ once; see tuning.interrupt). Attaches to RAY_ADDRESS when set, else starts a pri
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import math
 import os
 import shutil
@@ -32,12 +32,31 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a plain script: make tuning/, training/, models/ importable
     sys.path.insert(0, str(REPO))
 
+import optuna  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ray import tune  # noqa: E402
+
+import analysis  # noqa: E402
+from analysis import plots  # noqa: E402
+from analysis.depth import depth_curves, variant_verdicts  # noqa: E402
 from training import results_store  # noqa: E402
 from training.ray_session import ray_session  # noqa: E402
+from training.storage import absolute, filesystem  # noqa: E402
+from training.store_errors import StoreFailed, probe_store, store_failure  # noqa: E402
+from training.store_lock import StoreLock, StoreLocked  # noqa: E402
+from tuning import console  # noqa: E402
+from tuning import progress as trial_progress  # noqa: E402
+from tuning.adaptive import adaptive_stage  # noqa: E402
 from tuning.interrupt import Interrupt, InterruptStopper, SweepInterrupted  # noqa: E402
 from tuning.grid import (Cell, LRPlan, expand, lr_plan, round_lr, search_cell, search_storage, seed_noise_bases,  # noqa: E402
-                         seed_noise_cells, validate)
+                         seed_noise_cells, trials, validate)
+from tuning.plan import isoflop_optima  # noqa: E402
+from tuning.progress import Progress  # noqa: E402
+from tuning.pruning import (OptunaBridge, OptunaPruningScheduler, StudySearcher, finished_trials,  # noqa: E402
+                            make_pruner, open_study, recover_interrupted)
 from tuning.spec import SweepSpec  # noqa: E402
+from tuning.trainable import cell_payload  # noqa: E402
 from tuning.tune_setup import (METRIC, _dirname, _trainable, _tune_run_config, concurrency,  # noqa: E402
                                stored_status)
 
@@ -46,8 +65,6 @@ DEFAULT_CONFIG = REPO / "tuning" / "configs" / "laptop.yaml"
 
 def absolute_storage(spec: SweepSpec) -> SweepSpec:
     """Trials run in other processes (other cwd): a local store must be an absolute path."""
-    from training.storage import absolute
-
     return spec.replace(storage=absolute(spec.storage))
 
 
@@ -56,14 +73,6 @@ def absolute_storage(spec: SweepSpec) -> SweepSpec:
 def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None) -> float:
     """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR.
     Raises SweepInterrupted when `interrupt` fires, leaving no trial of the study RUNNING."""
-    import optuna
-    from ray import tune
-
-    from tuning.progress import Progress
-    from tuning.pruning import (OptunaBridge, OptunaPruningScheduler, StudySearcher, finished_trials, make_pruner,
-                                open_study, recover_interrupted)
-    from tuning.trainable import cell_payload
-
     s = spec.lr.search
     if "://" not in spec.storage:
         Path(spec.storage).mkdir(parents=True, exist_ok=True)
@@ -105,7 +114,7 @@ def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None
             interrupt.raise_if_requested(f"lr search {finished_trials(study)} of {s.trials} trials done, "
                                          "grid not started")
     summary_of_study(study, out)
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"lr search: no trial of study {study.study_name!r} completed; widen lr.search.low/high, "
                            "raise lr.search.trials or check the trial logs")
@@ -113,14 +122,12 @@ def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None
 
 
 def summary_of_study(study: Any, out=sys.stdout) -> None:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
+    study_trials = study.get_trials(deepcopy=False)
     by_state = {}
-    for t in trials:
+    for t in study_trials:
         by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
     print(f"lr search study: {by_state}", file=out, flush=True)
-    for t in sorted(trials, key=lambda t: t.number):
+    for t in sorted(study_trials, key=lambda t: t.number):
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             last = t.value if t.state == TrialState.COMPLETE else (
                 t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else math.nan)
@@ -140,8 +147,6 @@ def report_quarantined(store: str, out=sys.stdout) -> None:
 def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str], out=sys.stdout) -> int:
     """A grid cell identical to an LR-search run (same run id: the search cell at the best LR) is copied from the
     search store, relabelled, instead of being trained again."""
-    import json
-
     search = search_storage(spec)
     copied = 0
     for c in cells:
@@ -167,12 +172,6 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: In
                trainable=None) -> dict[str, int]:
     """Train every cell not yet in the store; returns the cells' counts by stored status ("missing": no row).
     Raises SweepInterrupted when `interrupt` fires."""
-    from ray import tune
-
-    from tuning.grid import trials
-    from tuning.progress import Progress
-    from tuning.trainable import cell_payload
-
     stored = stored_status(spec.storage)
     report_quarantined(spec.storage, out)
     if spec.lr.rule == "tuned":
@@ -206,22 +205,17 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: In
 # ---- stage 3: the fit ----------------------------------------------------------------------------------------------
 def fit_stage(spec: SweepSpec, out=sys.stdout) -> Any:
     """Fit the baseline law (and phi probes for the other variants) with analysis; write law JSON and plots next to
-    the results. Skipped with a message when analysis is not importable or the runs cannot identify the law."""
-    try:
-        import analysis
-    except ImportError as exc:
-        print(f"fit: skipped (analysis not importable: {exc})", file=out, flush=True)
-        return None
+    the results. Skipped with a message when the runs cannot identify the law."""
     local = "://" not in spec.storage
     folder = Path(spec.storage) if local else Path(tempfile.mkdtemp(prefix=f"law-{os.getpid()}-"))
     try:
-        return _fit_into(spec, folder, local, analysis, out)
+        return _fit_into(spec, folder, local, out)
     finally:  # also on an interrupt (tuning.interrupt raises inside the fit) or an error: no temp folder left
         if not local:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fit_into(spec: SweepSpec, folder: Path, local: bool, analysis: Any, out) -> Any:
+def _fit_into(spec: SweepSpec, folder: Path, local: bool, out) -> Any:
     base = spec.baseline.name
     try:
         law = analysis.fit_law(spec.storage, bootstrap=spec.fit.bootstrap, seed=spec.fit.seed, variant=base)
@@ -249,6 +243,18 @@ def _fit_into(spec: SweepSpec, folder: Path, local: bool, analysis: Any, out) ->
         if loops.get("warning"):
             print(f"fit probe {v.name}: WARNING: {loops['warning']}", file=out, flush=True)
         probe.save(folder / f"law_{v.name}.json")
+        # The probe holds the baseline's coefficients exact; the joint fit states delta phi with the baseline's own
+        # uncertainty in its intervals (analysis.compare).
+        try:
+            joint = analysis.compare(spec.storage, v.name, baseline=base, bootstrap=spec.fit.bootstrap,
+                                     seed=spec.fit.seed)
+        except ValueError as exc:
+            print(f"compare {v.name}: skipped ({exc})", file=out, flush=True)
+            continue
+        print(f"compare {v.name}: {joint.line()}", file=out, flush=True)
+        for warning in joint.warnings:
+            print(f"compare {v.name}: WARNING: {warning}", file=out, flush=True)
+        joint.save(folder / f"compare_{v.name}.json")
     _plots(spec, law, folder / "plots", out)
     if not local:
         _upload(folder, spec.storage)
@@ -291,8 +297,6 @@ def seed_noise_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout) -> dict
 def report_isoflop_optima(spec: SweepSpec, law: Any, out=sys.stdout) -> list[dict[str, Any]]:
     """The law's compute-optimal width at each budget (per r): the grid pins the parameter term only where it
     brackets that width."""
-    from analysis.sweep_plan import isoflop_optima
-
     optima = isoflop_optima(spec, law)
     by_budget: dict[float, list[dict]] = {}
     for o in optima:
@@ -312,10 +316,8 @@ def report_isoflop_optima(spec: SweepSpec, law: Any, out=sys.stdout) -> list[dic
 def depth_stage(spec: SweepSpec, out=sys.stdout) -> list[dict[str, Any]]:
     """Per variant: do test-time recurrences beyond the trained r help or hurt on average (analysis.depth)?"""
     try:
-        from analysis.depth import depth_curves, variant_verdicts
-
         verdicts = variant_verdicts(depth_curves(spec.storage, bootstrap=0))
-    except (ImportError, ValueError) as exc:
+    except ValueError as exc:
         print(f"test-time depth: skipped ({exc})", file=out, flush=True)
         return []
     for v in verdicts:
@@ -326,20 +328,11 @@ def depth_stage(spec: SweepSpec, out=sys.stdout) -> list[dict[str, Any]]:
 
 
 def _plots(spec: SweepSpec, law: Any, folder: Path, out) -> None:
-    try:
-        from analysis import load_runs, plots
-    except ImportError as exc:
-        print(f"fit: plots skipped (analysis.plots not importable: {exc})", file=out, flush=True)
-        return
-    paths = plots.plot_all(load_runs(spec.storage, variant=spec.baseline.name), law, folder)
+    paths = plots.plot_all(analysis.load_runs(spec.storage, variant=spec.baseline.name), law, folder)
     print(f"fit: {len(paths)} plots: {', '.join(Path(p).name for p in paths)}", file=out, flush=True)
 
 
 def _upload(folder: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    from training.storage import filesystem
-
     fs, root = filesystem(uri)
     pafs.copy_files(str(folder), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     shutil.rmtree(folder, ignore_errors=True)
@@ -361,9 +354,6 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
     One writer per store (training.store_lock): another live sweep on the same store raises StoreLocked before
     anything is written (`wait`: wait for it; `takeover`: take its lock anyway). A store that fails (full, read-only,
     lost) raises StoreFailed naming it and the error."""
-    from training.store_errors import store_failure
-    from training.store_lock import StoreLock
-
     spec = absolute_storage(spec)
     cells = validate(spec)  # every cell's RunConfig: a bad spec fails here, before Ray starts
     lock = StoreLock(spec.storage, command=command)
@@ -391,15 +381,12 @@ def run_sweep(spec: SweepSpec, *, num_cpus: int | None = None, fit: bool = True,
 
 def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit, fit_partial, worker_logs, out,
                 trainable) -> dict[str, Any]:
-    from training.store_errors import StoreFailed, probe_store
-
     print(f"sweep {spec.name!r}: {len(cells)} cells ({len(spec.budgets)} budgets, r {list(spec.r)}, variants "
           f"{[v.name for v in spec.variants]}), LR {spec.lr.rule}, store {spec.storage}", file=out, flush=True)
-    from tuning import progress
-
     store_errors: list[OSError] = []
-    # One handler for every stage, SIGINT ignored at start or not (tuning.interrupt says how).
-    with Interrupt(out) as interrupt, _quiet_tune_errors():
+    # One handler for every stage, SIGINT ignored at start or not (tuning.interrupt says how); Ray's and Tune's own
+    # messages in the store's log file (tuning.console).
+    with Interrupt(out) as interrupt, console.routed(spec.storage, out):
         lock.on_lost = lambda why: interrupt.request(f"{why}; this driver stops writing")
 
         def on_store_error(store: str, error: OSError) -> None:
@@ -416,9 +403,10 @@ def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit,
             if lock.lost:
                 interrupt.raise_if_requested(f"{stage}: store lock lost ({lock.lost})")
 
-        progress.store_error_hook = on_store_error
+        trial_progress.store_error_hook = on_store_error
         try:
             with ray_session(num_cpus=num_cpus, dashboard=True, log_to_driver=worker_logs):
+                interrupt.reinstall()
                 best = lr_stage(spec, out, interrupt) if spec.lr.rule == "tuned" else None
                 plan: LRPlan = lr_plan(spec, best)
                 if best is not None:
@@ -426,15 +414,13 @@ def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit,
                           f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
                 cells = expand(spec, plan)
                 if spec.adaptive is not None:
-                    from tuning.adaptive import adaptive_stage
-
                     counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable)
                 else:
                     counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable), None
                 if counts.get("missing", 0) or counts.get("failed", 0):
                     check_store("grid")
         except SweepInterrupted as exc:
-            progress.store_error_hook = None
+            trial_progress.store_error_hook = None
             if store_errors:  # stopped because the store failed: say that, not "interrupted"
                 raise StoreFailed(spec.storage, store_errors[0]) from exc
             print(f"interrupted: {exc.progress}; rerun the same command to resume", file=out, flush=True)
@@ -442,7 +428,7 @@ def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit,
                 fit_stage(spec, out)
             raise
         finally:
-            progress.store_error_hook = None
+            trial_progress.store_error_hook = None
         print(f"grid result: {counts}", file=out, flush=True)
         done = counts.get("completed", 0) + counts.get("diverged", 0)
         try:
@@ -459,29 +445,7 @@ def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit,
     return result if adaptive is None else {**result, "adaptive": adaptive}
 
 
-@contextlib.contextmanager
-def _quiet_tune_errors():
-    """Ray Tune logs every trial error and failed state sync with a whole traceback; the sweep prints one line per
-    trial error with its cause and the file holding the traceback (tuning.progress), and ends a failing store with
-    one line, so those logs are muted while the sweep runs."""
-    import logging
-
-    names = ("ray.tune.execution.tune_controller", "ray.tune.execution.experiment_state", "ray.train._internal.syncer")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from training.store_errors import StoreFailed
-    from training.store_lock import StoreLocked
-
     t0 = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python tuning/sweep.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep spec YAML (default: laptop.yaml)")

@@ -6,7 +6,12 @@ import logging
 import math
 from typing import Any
 
+import ray
+from ray import tune
+
+from training import results_store
 from tuning.spec import SweepSpec
+from tuning.trainable import run_cell
 
 METRIC = "val_loss"
 
@@ -14,8 +19,6 @@ METRIC = "val_loss"
 def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
     """Trials at once = what the cluster fits (each trial holds its trainable plus its Train workers), unless the
     spec fixes it (e.g. an autoscaling cluster that grows on demand)."""
-    import ray
-
     explicit = explicit or spec.concurrency
     if explicit:
         return explicit
@@ -30,8 +33,6 @@ def concurrency(spec: SweepSpec, explicit: int | None = None) -> int:
 
 
 def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list, stop: Any) -> Any:
-    from ray import tune
-
     # The sweep reads its results store, never Tune's ResultGrid, whose warnings about trials stopped before their
     # first report (an interrupt's: "Failed to fetch metrics ... FileNotFoundError") would only alarm.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -43,10 +44,6 @@ def _tune_run_config(spec: SweepSpec, stage: str, callbacks: list, stop: Any) ->
 
 def _trainable(spec: SweepSpec, fn=None):
     """`fn` (default tuning.trainable.run_cell) trains one cell from the trial config {"cell": cell_payload(...)}."""
-    from ray import tune
-
-    from tuning.trainable import run_cell
-
     return tune.with_resources(fn or run_cell, {"CPU": spec.resources.trial_cpus})
 
 
@@ -56,7 +53,5 @@ def _dirname(trial: Any) -> str:
 
 def stored_status(store: str) -> dict[str, str]:
     """run_id -> status of every row in the store (failed runs are retried, so callers skip only the others)."""
-    from training import results_store
-
     table = results_store.read_runs(store)
     return dict(zip(table.column("run_id").to_pylist(), table.column("status").to_pylist()))
