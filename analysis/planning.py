@@ -139,6 +139,22 @@ class Precision:
                 "level": self.level}
 
 
+def unidentified(points: DesignPoints) -> list[str]:
+    """Why a design cannot pin the law (its information is singular), one reason per cause; [] when it can."""
+    reasons = []
+    r_values = np.unique(points.r)
+    if len(r_values) < 2:
+        reasons.append(f"phi: every run has r={r_values[0]:g}, so r^phi is one constant absorbed into A; "
+                       "add runs at a second r")
+    budgets = np.unique(np.round(np.log10(points.flops), 1))  # C = F * D, equal within whole-batch rounding
+    if len(budgets) < 2:
+        reasons.append("alpha, beta: one budget ties the tokens to the size (D = C / F), so the size and data terms "
+                       "cannot be told apart; add budgets (the study spans 46x)")
+    if len(points) < N_PARAMS:
+        reasons.append(f"too few runs: {len(points)} for {N_PARAMS} coefficients")
+    return reasons
+
+
 def predict_precision(law: ScalingLaw, points: DesignPoints, noise: float = 0.01, *, delta: float = DEFAULT_DELTA,
                       level: float = DEFAULT_LEVEL) -> Precision:
     _check_noise(noise)

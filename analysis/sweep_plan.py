@@ -44,7 +44,7 @@ def plan_cells(name: str, cells: Sequence[Any], law: ScalingLaw, noise: float = 
     precision = planning.predict_precision(law, points, noise)
     info = planning.phi_information(law, points, noise)
     out: dict[str, Any] = {"spec": name, "prior": law.coefficients, **precision.to_dict(),
-                           "cells": _cell_rows(cells, points, info)}
+                           "unidentified": planning.unidentified(points), "cells": _cell_rows(cells, points, info)}
     if candidates is not None:
         pool = list(candidates())
         pool_points = _points(pool)
@@ -78,6 +78,8 @@ def render(plan: dict[str, Any], top: int = 10) -> str:
         lines.append(f"  {name:6} {plan[name + '_sd']:8.4f} {plan[name + '_halfwidth']:8.4f} "
                      f"{plan[name + '_sd_cramer_rao']:14.4f}")
     lines.append("  (sd: the project's Huber fit; Cramer-Rao: the bound for any fitter on this grid)")
+    for reason in plan.get("unidentified", []):
+        lines.append(f"  not identified (sd inf): {reason}")
     best = sorted(plan["cells"], key=lambda c: -c["phi_information_per_flop"])[:top]
     lines.append(f"information about phi per FLOP, best {len(best)} of {len(plan['cells'])} cells (--json: all):")
     for c in best:

@@ -172,3 +172,24 @@ def test_probe_fit_has_a_profile_interval_too():
     probe = fit_law(runs, bootstrap=0, variant="trunc", baseline=REF, extrapolation=False)
     lo, hi = probe.ci["phi_profile"]
     assert lo < probe.phi < hi and lo < 0.38 < hi and hi - lo < 0.2
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"r": [4]}, "phi: every run has r=4"),
+    ({"budgets": [{"compute": 1.0e18, "widths": [6, 8, 10, 12, 14]}]}, "alpha, beta: one budget"),
+])
+def test_plan_says_why_a_grid_cannot_identify_the_law(study_spec, tmp_path, capsys, change, reason):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**study_spec, **change, "storage": str(tmp_path / "store")}))
+    code, text, err = _plan(capsys, path)
+    assert code == 0, err
+    assert f"not identified (sd inf): {reason}" in text
+    code, out, _ = _plan(capsys, path, "--json")
+    assert any(r.startswith(reason) for r in json.loads(out)["unidentified"])
+
+
+def test_a_grid_with_two_r_and_two_budgets_is_identified():
+    from analysis.planning import unidentified
+
+    assert unidentified(DesignPoints.from_arrays([1e8] * 8, [1e8] * 8, [1, 2] * 4, [1e9, 2e9] * 4,
+                                                 [1e18] * 4 + [1e19] * 4)) == []
