@@ -85,8 +85,9 @@ class Block(nn.Module):
 
 
 class Injection(nn.Module):
-    """How the prelude output e enters each recurrence: `initial_state(e)`, then per recurrence `step_input(e, state, i)`
-    -> block input and `step_output(state, s, i)` -> next state, where s is the block's normed output."""
+    """How the prelude output e enters each recurrence: `initial_state(e)` and, once, x = `injected(e)`; then per
+    recurrence `step_input(x, state, i)` -> block input (`layer_input(x, h)` before each later layer of the block) and
+    `step_output(state, s, i)` -> next state, where s is the block's normed output."""
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -135,9 +136,7 @@ class Injection(nn.Module):
         if self.mode == "additive":
             return state + e
         if self.mode in ("additive_normed", "additive_normed_per_layer"):
-            # e on the state's scale: the unnormalised prelude output otherwise outgrows the normed state and the
-            # block recomputes one function of e every recurrence (idle loops, README "Loops that work").
-            return state + rms_norm(e)
+            return state + e  # e already on the state's scale (`injected`)
         if self.mode == "diagonal":
             dt = F.softplus(self.dt)
             return torch.exp(-dt * torch.exp(self.A_log)) * state + dt * self.B(e)
@@ -145,12 +144,18 @@ class Injection(nn.Module):
             return torch.einsum("n,n...->...", self.alpha[self._row(i)], state)
         return state
 
+    def injected(self, e: torch.Tensor) -> torch.Tensor:
+        """The prelude output as the recurrences receive it, computed once per forward. The normed modes put e on
+        the state's scale: unnormalised, it outgrows the normed state and the block recomputes one function of e
+        every recurrence (idle loops, README "Loops that work")."""
+        return rms_norm(e) if self.mode in ("additive_normed", "additive_normed_per_layer") else e
+
     def layer_input(self, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Input of the block's second and later layers. `additive_normed_per_layer` injects e before every layer:
         every r then injects e rec_depth times per token, so r changes how many unique layers the depth has, not
         how often the block sees the prelude output (at block-level injection a 2-layer block looped 4x sees e half
         as often as a 1-layer block looped 8x, which cost it 0.1 nats on the laptop; README "Loops that work")."""
-        return h + rms_norm(e) if self.mode == "additive_normed_per_layer" else h
+        return h + e if self.mode == "additive_normed_per_layer" else h
 
     def step_output(self, state: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
         if self.mode != "hyperconnect":
@@ -261,13 +266,14 @@ class LoopedLM(nn.Module):
         changes: list[torch.Tensor] = []
         previous = None
         state = inj.initial_state(e)
+        x = inj.injected(e)
         for i in range(r):
             # Truncated backprop: the first r-k recurrences build no graph, so neither the block nor e
             # receives gradient through them; the last k do.
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= r - k):
-                h = inj.step_input(e, state, i)
+                h = inj.step_input(x, state, i)
                 for j, block in enumerate(self.rec_block):
-                    h = block(h if j == 0 else inj.layer_input(e, h), cos, sin)
+                    h = block(h if j == 0 else inj.layer_input(x, h), cos, sin)
                 state = inj.step_output(state, self.norm_recur(h), i)
             if track:
                 s = inj.final_state(state).detach().float()
