@@ -1,11 +1,10 @@
-"""`python -m analysis fit|compare|query|plot|depth|plan`: fit a law from a store or table, compare a variant's phi
-with the baseline's (one joint fit), query a saved law, draw figures, fit each looped run's test-time depth curve, and
-price a sweep spec's grid before it runs."""
+"""`python -m analysis fit|compare|query|plot|depth`: fit a law from a store or table, compare a variant's phi with
+the baseline's (one joint fit), query a saved law, draw figures, and fit each looped run's test-time depth curve.
+Pricing a sweep spec before it runs expands the spec, which is the sweep layer's job: `python -m tuning.plan SPEC`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
@@ -127,24 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     depth.add_argument("--seed", type=int, default=0)
     depth.add_argument("--variant", help="only runs of this variant")
 
-    plan = sub.add_parser("plan", help="predict how precisely a sweep spec's grid pins phi, before it runs",
-                          description="Predicted sd and 95%% half-width of phi, alpha, beta for the spec's grid "
-                                      "(Fisher information of the law at a prior), total FLOPs, each cell's "
-                                      "information per FLOP.")
-    plan.add_argument("spec", help="sweep spec YAML (e.g. tuning/configs/reference.yaml)")
-    plan.add_argument("--noise", type=float, default=0.01, help="log-normal loss noise, sd of log loss (default 0.01)")
-    plan.add_argument("--law", default="reference", help="prior law: `reference` (published) or a law JSON")
-    plan.add_argument("--suggest", action="store_true",
-                      help="also a greedy grid with the same FLOPs (smaller interval) and one with the same interval")
-    plan.add_argument("--simulate", type=int, default=0, metavar="N",
-                      help="fit N noisy sweeps drawn from the prior with the real fitter; measured sd and coverage")
-    plan.add_argument("--seed", type=int, default=0, help="seed of the simulated noise")
-    plan.add_argument("--jobs", type=int, default=None, help="processes for --simulate (default: all CPUs)")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON (every cell) instead of text")
     return parser
 
 
-def _load_law(spec: str) -> ScalingLaw:
+def load_law(spec: str) -> ScalingLaw:
+    """`reference` (the published law) or a law JSON."""
     return ScalingLaw.reference() if spec == "reference" else ScalingLaw.load(spec)
 
 
@@ -155,7 +141,7 @@ def _estimate_json(value) -> dict:
 
 
 def _cmd_fit(a) -> dict:
-    baseline = _load_law(a.baseline) if a.baseline else None
+    baseline = load_law(a.baseline) if a.baseline else None
     law = fit_law(a.source, bootstrap=a.bootstrap, seed=a.seed, form=a.form, variant=a.variant, baseline=baseline,
                   exclude_highest_loss=a.exclude_highest_loss, n_starts=a.n_starts or None, n_jobs=a.jobs,
                   extrapolation=not a.no_extrapolation, allow_mixed=a.allow_mixed)
@@ -241,7 +227,7 @@ def _design_text(law: ScalingLaw, q: dict) -> str:
 
 
 def _cmd_query(a) -> dict | str:
-    law = _load_law(a.law)
+    law = load_law(a.law)
     if a.query == "optimal":
         opt = law.optimal(a.compute, r_values=_ints(a.r_values), max_unique_params=a.max_unique_params,
                           max_inference_flops_per_token=a.max_inference_flops, family=a.family, sizes=_ints(a.widths))
@@ -257,7 +243,7 @@ def _cmd_plot(a) -> dict:
     from .plots import plot_all
 
     table = load_runs(a.source, variant=a.variant, exclude_highest_loss=a.exclude_highest_loss)
-    law = _load_law(a.law) if a.law else fit_law(table, bootstrap=a.bootstrap, form=a.form, allow_mixed=a.allow_mixed)
+    law = load_law(a.law) if a.law else fit_law(table, bootstrap=a.bootstrap, form=a.form, allow_mixed=a.allow_mixed)
     return {"figures": [str(p) for p in plot_all(table, law, a.out)]}
 
 
@@ -273,20 +259,10 @@ def _cmd_depth(a) -> str:
         text += f"\nplot: {plot_depth_curves(points, fits, a.plot)}"
     return text
 
-def _cmd_plan(a) -> dict | str:
-    # Pricing a sweep spec needs the sweep layer's expansion of it (tuning.plan on tuning.grid); the analysis
-    # package never imports tuning (tests/test_imports.py), so this one command loads it by name when it runs.
-    planner = importlib.import_module("tuning.plan")
-    plan = planner.plan_spec(a.spec, _load_law(a.law), a.noise, suggest=a.suggest, simulate=a.simulate,
-                             seed=a.seed, n_jobs=a.jobs)
-    return plan if a.json else planner.render(plan)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        result = {"fit": _cmd_fit, "compare": _cmd_compare, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth,
-                  "plan": _cmd_plan}[a.command](a)
+        result = {"fit": _cmd_fit, "compare": _cmd_compare, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth}[a.command](a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

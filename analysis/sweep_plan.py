@@ -2,7 +2,7 @@
 
 A cell here is anything with `.run` (the RunConfig that trains it: models.accounting reads N_once, N_rec, F and
 tokens from it), `.label`, `.compute`, `.width`, `.r` and `.variant`. The sweep layer expands a spec into such cells
-(tuning.plan, behind `python -m analysis plan SPEC`); the analysis layer never imports tuning.
+(tuning.plan, behind `python -m tuning.plan SPEC`); the analysis layer never imports tuning.
 """
 
 from __future__ import annotations

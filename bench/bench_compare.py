@@ -8,7 +8,7 @@ analysis.compare on them. Printed per planted delta phi:
 - delta phi = -0.08 and +0.19: the power, the share of seeds whose interval excludes 0 (and the verdict's share);
 - the mean interval width next to the Fisher-information prediction: 2 x 1.96 x sd(delta phi), with
   sd(delta phi) = sqrt(var phi_v + var phi_b - 2 cov) from the joint model's inverse information
-  (analysis.planning.predict_difference, the Huber fit's variance factor included, as `python -m analysis plan`).
+  (analysis.planning.predict_difference, the Huber fit's variance factor included, as `python -m tuning.plan`).
 
     python bench/bench_compare.py [--seeds-null 60] [--seeds-power 20] [--bootstrap 100] [--jobs N]
 
@@ -91,7 +91,7 @@ def main() -> None:
     print(f"{len(tasks)} comparisons in {wall:.0f} s wall on {jobs} process(es), cpus={len(os.sched_getaffinity(0))}, "
           f"load average {os.getloadavg()[0]:.1f}")
     alone = predict_precision(planted(REF.phi), _points(base), a.noise)
-    print(f"Fisher (`analysis plan`): sd(phi) of the baseline grid alone {alone.sd['phi']:.4f}")
+    print(f"Fisher (`python -m tuning.plan`): sd(phi) of the baseline grid alone {alone.sd['phi']:.4f}")
     header = (f"{'planted dphi':>12}  {'seeds':>5}  {'mean dphi':>9}  {'sd dphi':>7}  {'Fisher sd':>9}  "
               f"{'covers truth b/p':>16}  {'covers 0 b/p':>12}  {'excl. 0 b/p':>11}  {'verdict':>7}  "
               f"{'width b/p':>13}  {'Fisher width':>12}")

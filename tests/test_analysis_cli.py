@@ -84,14 +84,14 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_help_of_every_subcommand(capsys):
     for argv in (["fit"], ["compare"], ["query"], ["query", "reference", "optimal"], ["query", "reference", "predict"], ["plot"],
-                 ["depth"], ["plan"]):
+                 ["depth"]):
         with pytest.raises(SystemExit) as done:
             main([*argv, "--help"])
         assert done.value.code == 0
         assert "usage: python -m analysis" in capsys.readouterr().out
     # and the module entry point itself
     proc = subprocess.run([sys.executable, "-m", "analysis", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "{fit,compare,query,plot,depth,plan}" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "{fit,compare,query,plot,depth}" in proc.stdout, proc.stderr
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`python -m analysis plan`: the Fisher-information prediction of phi's precision for a sweep spec's grid, checked
+"""`python -m tuning.plan`: the Fisher-information prediction of phi's precision for a sweep spec's grid, checked
 against the real fitter on simulated sweeps, the greedy --suggest, and the profile-likelihood interval."""
 
 import json
@@ -10,7 +10,7 @@ import yaml
 pytest.importorskip("models.accounting")
 
 from analysis import ScalingLaw, fit_law  # noqa: E402
-from analysis.cli import main  # noqa: E402
+from tuning.plan import main  # noqa: E402
 from analysis.objective import FitData, huber_moments, log_predict, log_predict_jacobian  # noqa: E402
 from analysis.planning import (DesignPoints, covariance, information, phi_information, predict_precision,  # noqa: E402
                                variance_factor)
@@ -41,7 +41,7 @@ def spec_file(study_spec, tmp_path):
 
 
 def _plan(capsys, *argv) -> tuple[int, str, str]:
-    code = main(["plan", *map(str, argv)])
+    code = main([*map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
 

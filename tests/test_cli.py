@@ -14,7 +14,7 @@ def test_pyproject_installs_the_looplaw_command():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["looplaw"].partition(":")
     assert (module, func) == ("tuning.cli", "main") and callable(getattr(cli, func))
-    assert set(cli.COMMANDS) >= {"sweep", "run", "prepare", "fit", "query", "plot"}
+    assert set(cli.COMMANDS) >= {"sweep", "run", "prepare", "plan", "fit", "compare", "query", "plot"}
 
 
 def test_analysis_commands_pass_through(capsys):
@@ -24,7 +24,8 @@ def test_analysis_commands_pass_through(capsys):
 
 
 @pytest.mark.parametrize("command, flag", [("sweep", "--config"), ("run", "--config"), ("prepare", "--input"),
-                                           ("fit", "--bootstrap"), ("plot", "--law")])
+                                           ("fit", "--bootstrap"), ("plot", "--law"), ("plan", "--simulate"),
+                                           ("compare", "--variant")])
 def test_each_command_is_its_modules_own_parser(command, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([command, "--help"])

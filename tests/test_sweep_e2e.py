@@ -61,7 +61,9 @@ def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
     # Two workable LRs first, then one far too small: the median pruner stops it once two trials have finished.
     search = {"trials": 3, "low": 1.0e-5, "high": 3.0e-2, "enqueue": [1.0e-2, 3.0e-3, 1.0e-5], "pruner": "median",
               "pruner_args": {"n_startup_trials": 2}, "concurrency": 1}
-    spec = SweepSpec.from_dict(tiny_spec(store, lr={"rule": "tuned", "search": search}))
+    # One budget: its r = 1 cell is the search cell, so the grid trains only r = 2 (the copy is what is tested).
+    spec = SweepSpec.from_dict(tiny_spec(store, budgets=[{"compute": 1.5e10, "widths": [32]}],
+                                         lr={"rule": "tuned", "search": search}))
     result = run_sweep(spec, num_cpus=2, fit=False)
 
     study = optuna.load_study(study_name="e2e-lr", storage=f"sqlite:///{store / 'optuna.db'}")
@@ -74,8 +76,8 @@ def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
 
     cells = expand(absolute_storage(spec), lr_plan(absolute_storage(spec), result["best_lr"]))
     stored = rows(store)
-    assert set(stored) == {c.run_id for c in cells} and len(stored) == 4
-    assert result["counts"] == {"completed": 4}
+    assert set(stored) == {c.run_id for c in cells} and len(stored) == 2
+    assert result["counts"] == {"completed": 2}
     for c in cells:
         row = stored[c.run_id]
         assert row["status"] == "completed" and row["sweep"] == "e2e" and row["variant"] == "baseline"
@@ -93,7 +95,7 @@ def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
     # Rerunning the same spec trains nothing: the study has its trials, the store has every cell.
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))}
     again = run_sweep(spec, num_cpus=2, fit=False)
-    assert again["best_lr"] == result["best_lr"] and again["counts"] == {"completed": 4}
+    assert again["best_lr"] == result["best_lr"] and again["counts"] == {"completed": 2}
     assert len(optuna.load_study(study_name="e2e-lr", storage=f"sqlite:///{store / 'optuna.db'}").trials) == 3
     assert {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))} == mtimes
 

@@ -77,6 +77,29 @@ def _start_guard(temp_dir: str) -> subprocess.Popen:
                             start_new_session=True, close_fds=True)
 
 
+# Ray Train on a private Ray (one machine: the laptop sweep, a single run, the tests), where a run trains for
+# seconds and Train's own actors cost as much: the controller polls its workers every 0.5 s instead of 2 s (a finished
+# run waited 4.8 s for fit() to return, 2026-12-06), and no preemption watcher (one more actor process per run, for
+# the drain notices of cloud nodes a private Ray does not have). Train reads both in the process that builds the
+# TorchTrainer (the driver, or a Tune trial) and hands them to its controller; a value the user set wins.
+PRIVATE_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` for the block, restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,28 +113,28 @@ def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool, log
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 chars
     guard = _start_guard(tmp)
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env_vars = {"PYTHONPATH": pythonpath}  # workers import models/, training/, tuning/ however the driver was started
+    # Every process of this Ray (and the driver, for the duration) sees `shared`.
+    shared = {k: os.environ.get(k, v) for k, v in PRIVATE_TRAIN_ENV.items()}
     options = {"include_dashboard": False}
-    api_before = os.environ.get("RAY_API_SERVER_ADDRESS")
     if dashboard:
         # With Train V2 under Tune, the placement group of a trial stopped by a scheduler is released by Train's
         # PlacementGroupCleaner, which asks the dashboard's state API whether the controller died. That client finds
         # its cluster by address, and with several Rays on one machine "auto" is ambiguous (the cleaner dies and the
         # resources leak), so every process of this Ray is told its dashboard URL.
         port = _free_port()
-        env_vars["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        shared["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         options = {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    # PYTHONPATH: workers import models/, training/, tuning/ however the driver was started.
+    env_vars = {"PYTHONPATH": pythonpath, **shared}
     try:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp,
-                 log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars}, **log_options, **options)
-        yield tmp
+        with _environ(shared):
+            try:
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp,
+                         log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars}, **log_options, **options)
+                yield tmp
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
-        if dashboard:
-            if api_before is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = api_before
         guard.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):  # a child forked (not exec'd) by this process holds
             guard.wait(timeout=60)  # the pipe too; else the caller now finds no process and no folder of this Ray

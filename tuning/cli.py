@@ -3,7 +3,8 @@
     looplaw sweep   [--config SPEC] [--storage DIR]        = python tuning/sweep.py ...
     looplaw run     --config RUN.yaml [--storage DIR]      = python -m training.run ...
     looplaw prepare --input SRC --out DIR ...              = python -m training.prepare ...
-    looplaw fit | query | plot | depth ...                 = python -m analysis fit | query | plot | depth ...
+    looplaw plan SPEC [--suggest] [--simulate N]           = python -m tuning.plan ...
+    looplaw fit | compare | query | plot | depth ...       = python -m analysis fit | compare | query | plot | depth ...
 
 Each command is its module's own `main`, imported only when asked for (a query never imports Ray or torch); the
 script and `python -m` forms keep working (`ray job submit` uses `python tuning/sweep.py`).
@@ -18,7 +19,9 @@ COMMANDS: dict[str, tuple[str, bool]] = {
     "sweep": ("tuning.sweep", False),
     "run": ("training.run", False),
     "prepare": ("training.prepare", False),
+    "plan": ("tuning.plan", False),
     "fit": ("analysis.cli", True),
+    "compare": ("analysis.cli", True),
     "query": ("analysis.cli", True),
     "plot": ("analysis.cli", True),
     "depth": ("analysis.cli", True),
