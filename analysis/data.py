@@ -273,6 +273,8 @@ MODEL_FIELDS = ("size", "d_model", "n_prelude", "n_rec_layers", "n_coda", "r", "
 # Fields every run of one law must share (a law across them fits the difference, not the scaling); `optimizer` is the
 # recipe, from the config's optim section. Injection is compared over looped rows only: r = 1 runs have none.
 MIX_FIELDS = ("family", "injection", "head_dim", "vocab_size", "seq_len", "optimizer")
+# Built-in injections whose lanes (hc_lanes) are part of the model; other modes ignore the field.
+LANE_INJECTIONS = ("hyperconnect", "hyperloop")
 
 
 def _plain(value: Any) -> Any:
@@ -395,7 +397,7 @@ def describe_models(frame: pd.DataFrame) -> dict[str, Any]:
         "seq_len": one("seq_len"),
         "head_dim": one("head_dim"),
         "injection": injection,
-        "hc_lanes": one("hc_lanes", looped["hc_lanes"]) if injection == "hyperconnect" else None,
+        "hc_lanes": one("hc_lanes", looped["hc_lanes"]) if injection in LANE_INJECTIONS else None,
         "mlp_ratio": one("mlp_ratio"),
         "optimizer": one("optimizer"),
         "layout": _layout(models, family),

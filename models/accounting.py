@@ -11,15 +11,17 @@ Training FLOPs per token, with k = bptt_k (k = r for full backprop), T = seq_len
 
 Recurrences outside the truncation window run forward only (2 FLOPs per weight), the others forward and backward (6).
 
-Hyper-connection convention: its parameters are per-recurrence scalars (alpha in R^n, an n x n mixing matrix and
-beta in R^n for each of `cfg.recurrence_steps` steps), so N_rec counts all of them, r*(n^2 + 2n). They multiply
-d-wide lanes, so in the FLOP term N_inj is the multiply-accumulates of one step per token, (n^2 + 2n)*d.
-For every other injection mode the per-step multiply-accumulates equal its parameter count, so the two agree.
+The injection's two numbers are its own declarations (models.injection_contract): N_inj in N_rec is its
+`param_count`, and in the FLOP term N_inj is its `macs_per_token`, the multiply-accumulates per token of one
+recurrence. For most built-ins the two agree (every weight used once per token); hyper-connection lanes
+(hyperconnect, hyperloop) are per-recurrence weights applied to d-wide lanes, so their MACs scale with d instead
+(models.builtin_counts). A built-in's declaration needs no torch; a plugin's is its class, imported by path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from models import registry
 from models.config import LoopedConfig
 
 
@@ -29,7 +31,7 @@ class ParamCounts:
     coda: int  # coda blocks
     norms: int  # norm_emb, norm_recur, final_norm (the study's "scalars": run once per token in its count)
     rec_block: int  # the looped block, counted once
-    injection: int  # input-injection parameters (all recurrence steps for hyperconnect)
+    injection: int  # input-injection parameters (all recurrence steps for the lane modes)
     embedding: int
     lm_head: int
 
@@ -57,23 +59,13 @@ def block_params(cfg: LoopedConfig) -> int:
 
 
 def injection_params(cfg: LoopedConfig) -> int:
-    d, n = cfg.d_model, cfg.hc_lanes
-    return {
-        "concat": 2 * d * d,  # Linear(2d -> d), no bias
-        "additive": 0,
-        "additive_normed": 0,  # parameter-free RMSNorm of e; like the other norms, not counted in FLOPs
-        "additive_normed_per_layer": 0,
-        "none": 0,
-        "diagonal": d * d + 2 * d,  # B (d x d), A_log (d), dt (d)
-        "hyperconnect": cfg.recurrence_steps * (n * n + 2 * n),
-    }[cfg.injection]
+    """The injection's trainable parameters, as its class declares them (the model refuses a module that differs)."""
+    return registry.contract(cfg.injection).param_count(cfg, **(cfg.injection_args or {}))
 
 
 def injection_macs_per_token(cfg: LoopedConfig) -> int:
     """Multiply-accumulates per token of one injection step (see the module docstring)."""
-    if cfg.injection == "hyperconnect":
-        return (cfg.hc_lanes ** 2 + 2 * cfg.hc_lanes) * cfg.d_model
-    return injection_params(cfg)
+    return registry.contract(cfg.injection).macs_per_token(cfg, **(cfg.injection_args or {}))
 
 
 def param_counts(cfg: LoopedConfig) -> ParamCounts:

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import LoopedConfig
+from models.injection import build_injection
 from models.loss import linear_cross_entropy
 
 
@@ -84,95 +85,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Injection(nn.Module):
-    """How the prelude output e enters each recurrence: `initial_state(e)` and, once, x = `injected(e)`; then per
-    recurrence `step_input(x, state, i)` -> block input (`layer_input(x, h)` before each later layer of the block) and
-    `step_output(state, s, i)` -> next state, where s is the block's normed output."""
-
-    def __init__(self, cfg: LoopedConfig):
-        super().__init__()
-        self.mode = cfg.injection
-        d = cfg.d_model
-        if self.mode == "concat":
-            self.adapter = nn.Linear(2 * d, d, bias=False)
-        elif self.mode == "diagonal":
-            self.B = nn.Linear(d, d, bias=False)
-            self.A_log = nn.Parameter(torch.zeros(d))  # A = exp(A_log) > 0
-            self.dt = nn.Parameter(torch.full((d,), math.log(math.e - 1)))  # softplus(dt) = 1 at init
-        elif self.mode == "hyperconnect":
-            n, steps = cfg.hc_lanes, cfg.recurrence_steps
-            self.alpha = nn.Parameter(torch.zeros(steps, n))
-            self.mixing = nn.Parameter(torch.eye(n).repeat(steps, 1, 1))
-            self.beta = nn.Parameter(torch.ones(steps, n))
-
-    def reset_parameters(self) -> None:
-        d = self.adapter.out_features if self.mode == "concat" else None
-        with torch.no_grad():
-            if self.mode == "concat":
-                # [I | 0]: the first recurrence sees exactly e, the state enters as training finds it useful.
-                self.adapter.weight.zero_()
-                self.adapter.weight[:, :d].copy_(torch.eye(d))
-            elif self.mode == "diagonal":
-                self.B.weight.copy_(torch.eye(self.B.in_features))
-                self.A_log.zero_()
-                self.dt.fill_(math.log(math.e - 1))
-            elif self.mode == "hyperconnect":
-                steps, n = self.alpha.shape
-                self.alpha.zero_()
-                self.alpha[torch.arange(steps), torch.arange(steps) % n] = 1.0  # cyclic: step i reads lane i mod n
-                self.mixing.copy_(torch.eye(n).repeat(steps, 1, 1))
-                self.beta.fill_(1.0)
-
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        if self.mode in ("concat", "none"):
-            return e  # the study's inject_init_prelude / passthrough: the state starts from the prelude output
-        if self.mode == "hyperconnect":
-            return e.unsqueeze(0).expand(self.alpha.shape[1], *e.shape).contiguous()  # every lane starts at e
-        return torch.zeros_like(e)  # additive(_normed...), diagonal: the first block input is the injected e alone
-
-    def step_input(self, e: torch.Tensor, state: torch.Tensor, i: int) -> torch.Tensor:
-        if self.mode == "concat":
-            return self.adapter(torch.cat((e, state), dim=-1))
-        if self.mode == "additive":
-            return state + e
-        if self.mode in ("additive_normed", "additive_normed_per_layer"):
-            return state + e  # e already on the state's scale (`injected`)
-        if self.mode == "diagonal":
-            dt = F.softplus(self.dt)
-            return torch.exp(-dt * torch.exp(self.A_log)) * state + dt * self.B(e)
-        if self.mode == "hyperconnect":
-            return torch.einsum("n,n...->...", self.alpha[self._row(i)], state)
-        return state
-
-    def injected(self, e: torch.Tensor) -> torch.Tensor:
-        """The prelude output as the recurrences receive it, computed once per forward. The normed modes put e on
-        the state's scale: unnormalised, it outgrows the normed state and the block recomputes one function of e
-        every recurrence (idle loops, README "Loops that work")."""
-        return rms_norm(e) if self.mode in ("additive_normed", "additive_normed_per_layer") else e
-
-    def layer_input(self, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Input of the block's second and later layers. `additive_normed_per_layer` injects e before every layer:
-        every r then injects e rec_depth times per token, so r changes how many unique layers the depth has, not
-        how often the block sees the prelude output (at block-level injection a 2-layer block looped 4x sees e half
-        as often as a 1-layer block looped 8x, which cost it 0.1 nats on the laptop; README "Loops that work")."""
-        return h + e if self.mode == "additive_normed_per_layer" else h
-
-    def step_output(self, state: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
-        if self.mode != "hyperconnect":
-            return s
-        row = self._row(i)
-        # As the study: the mixed lanes plus beta times the block's normed output.
-        mixed = torch.einsum("mn,n...->m...", self.mixing[row], state)
-        return mixed + self.beta[row].view(-1, *([1] * s.dim())) * s
-
-    def final_state(self, state: torch.Tensor) -> torch.Tensor:
-        return state.sum(0) if self.mode == "hyperconnect" else state
-
-    def _row(self, i: int) -> int:
-        # Evaluating at a larger r than trained reuses the last step's hyper-connection weights.
-        return min(i, self.alpha.shape[0] - 1)
-
-
 class LoopedLM(nn.Module):
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -181,7 +93,7 @@ class LoopedLM(nn.Module):
         self.norm_emb = RMSNorm(cfg.d_model)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         self.rec_block = nn.ModuleList(Block(cfg) for _ in range(cfg.n_rec_layers))
-        self.injection = Injection(cfg)
+        self.injection = build_injection(cfg)  # the configured class, its declared parameter count checked
         self.norm_recur = RMSNorm(cfg.d_model)  # on the block's output, every recurrence
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.final_norm = RMSNorm(cfg.d_model)

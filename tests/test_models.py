@@ -101,9 +101,10 @@ def test_accounting_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_tiny_model_overfits_a_fixed_batch():
+@pytest.mark.parametrize("injection", ["concat", "hyperloop"])
+def test_tiny_model_overfits_a_fixed_batch(injection):
     torch.manual_seed(0)
-    cfg = LoopedConfig.tiny(r=4, injection="concat", vocab_size=128, seq_len=32, rec_depth=4)
+    cfg = LoopedConfig.tiny(r=4, injection=injection, vocab_size=128, seq_len=32, rec_depth=4)
     model = LoopedLM(cfg)
     tokens = torch.randint(0, 128, (4, 33))
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -236,7 +237,8 @@ def test_softcap_bounds_logits():
     assert math.isclose(cfg.softcap, 15.0)
 
 
-@pytest.mark.parametrize("injection,bptt_k", [("concat", 2), ("hyperconnect", None), ("diagonal", None)])
+@pytest.mark.parametrize("injection,bptt_k", [("concat", 2), ("hyperconnect", None), ("diagonal", None),
+                                               ("hyperloop", None)])
 def test_compiles_as_one_graph_at_fixed_r(injection, bptt_k):
     # fullgraph=True fails on any graph break; aot_eager traces forward and backward without a C++ toolchain.
     torch.manual_seed(0)

@@ -108,11 +108,15 @@ def test_prefetcher_state_is_the_position_after_the_last_consumed_batch(syntheti
 
 def _single_process_group():
     import os
+    import socket
 
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        with socket.socket() as sock:  # a free port: a fixed one collides with other test processes on the machine
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 

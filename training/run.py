@@ -25,6 +25,7 @@ from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from models.accounting import param_counts, training_compute
+from models.injection import check_plugins
 from training import results_store
 from training.config import RunConfig
 from training.loader import load_meta
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.storage:
             cfg = cfg.replace(storage=args.storage)
         check_data(cfg)
+        check_plugins([cfg.model])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -145,8 +145,11 @@ class Trainer:
             compile_model(model, sampled_r=cfg.model.sample_r_mean is not None)
         self.engine = build_engine(model, cfg, self.on_gpu)
         if cfg.zero_stage == 3:
-            # The lean loss reads lm_head.weight outside lm_head's own forward: ZeRO-3 must gather it for the model's.
-            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+            # ZeRO-3 gathers a module's parameters around its own forward. The lean loss reads lm_head.weight outside
+            # lm_head's, and an injection's contract methods are not its forward (models.injection): both are
+            # gathered for the model's forward instead.
+            for p in (model.lm_head.weight, *model.injection.parameters()):
+                deepspeed.zero.register_external_parameter(model, p)
         self.loader = TokenLoader(data_dir, "train", cfg.model.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed)
         self.batches = None  # the prefetcher, started once the loader position is final (after a restore)
         self.val_batches = validation_batches(data_dir, cfg.model.seq_len, cfg.micro_batch,

@@ -40,6 +40,7 @@ from ray import tune  # noqa: E402
 import analysis  # noqa: E402
 from analysis import plots  # noqa: E402
 from analysis.depth import depth_curves, variant_verdicts  # noqa: E402
+from models.injection import check_plugins  # noqa: E402
 from training import results_store  # noqa: E402
 from training.ray_session import ray_session  # noqa: E402
 from training.storage import absolute, filesystem  # noqa: E402
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         spec = SweepSpec.from_yaml(args.config, storage=args.storage)
-        validate(absolute_storage(spec))
+        check_plugins(cell.run.model for cell in validate(absolute_storage(spec)))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
