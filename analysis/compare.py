@@ -37,6 +37,7 @@ I_DPHI = N_PARAMS  # the variant's phi offset: theta = (a, alpha, b, beta, e, ph
 SAME_FIELDS = ("family", "vocab_size", "seq_len", "head_dim")
 DEFAULT_BOOTSTRAP = 1000
 QUANTITIES = ("phi_baseline", "phi_variant", "delta_phi")
+PHI_BOUND_TOLERANCE = 1e-3  # an estimate or interval end this close to a bound of phi's search sits on it
 
 
 @dataclass
@@ -72,16 +73,32 @@ class Comparison:
                 out[method] = bool(lo > 0 or hi < 0)
         return out
 
+    def at_bound(self) -> list[str]:
+        """Variants whose phi estimate or interval reaches phi's search bounds: the runs do not pin that phi, so an
+        interval on delta phi is cut by the bound, not measured."""
+        names = []
+        for q, name in (("phi_baseline", self.baseline), ("phi_variant", self.variant)):
+            ends = [self.estimate[q]] + [v for ci in (self.bootstrap_ci, self.profile_ci) for v in ci.get(q, ())]
+            if any(abs(v - b) < PHI_BOUND_TOLERANCE for v in ends for b in engine.PHI_BOUNDS):
+                names.append(name)
+        return names
+
     @property
     def distinguishable(self) -> bool:
-        """The data can tell the two phis apart: every dphi interval computed excludes 0."""
+        """The data can tell the two phis apart: every dphi interval computed excludes 0, and neither phi reaches
+        its search bound."""
         ex = self.excludes_zero()
-        return bool(ex) and all(ex.values())
+        return bool(ex) and all(ex.values()) and not self.at_bound()
 
     @property
     def verdict(self) -> str:
         ex = self.excludes_zero()
         pct = f"{self.level:.0%}"
+        unpinned = self.at_bound()
+        if unpinned:
+            return (f"no verdict: phi of {' and '.join(map(repr, unpinned))} reaches its search bound "
+                    f"{list(engine.PHI_BOUNDS)} (estimate or {pct} interval), so these runs do not pin it and delta "
+                    "phi's interval is set by the bound")
         if not ex:
             return "no interval for delta phi was computed (bootstrap=0 and profile=False): no verdict"
         if all(ex.values()):
@@ -136,8 +153,6 @@ class Comparison:
                      f"beta={s['beta']:.4f}; R^2={self.r2:.4f}, residual sd {self.residual_sd:.4f} (log loss); {boot}")
         for name, check in self.loops.items():
             lines.append(f"{name}: {check['line']}")
-            if check.get("warning"):
-                lines.append(f"WARNING: {name}: {check['warning']}")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"WARNING: {w}" for w in self.warnings]
         lines.append(f"verdict: {self.verdict}")
@@ -319,6 +334,9 @@ def compare(results: Any, variant: str, baseline: str = "baseline", bootstrap: i
                         "not identify it")
 
     loop_checks = _loop_checks(results, {baseline: base, variant: var}, residual_sd) if loops else {}
+    # Idle loops are a warning on the comparison itself: the sweep's report prints `warnings`, and a delta phi
+    # between variants whose loops sit idle prices shallow networks.
+    warnings += [f"{name}: {check['warning']}" for name, check in loop_checks.items() if check.get("warning")]
 
     return Comparison(variant=variant, baseline=baseline, n_runs={baseline: len(base), variant: len(var)},
                       estimate=estimate, bootstrap_ci=bootstrap_ci, profile_ci=profile_ci, shared=shared, level=level,

@@ -225,3 +225,23 @@ def test_the_sweeps_report_compares_every_probe_with_the_baseline(tmp_path):
     assert "bootstrap [" in line and "profile [" in line and "tell them apart" in line, line
     saved = json.loads((store / "compare_probe.json").read_text())
     assert saved["n_bootstrap"] == 20 and saved["variant"] == "probe"
+
+
+def test_a_phi_on_its_search_bound_gets_no_verdict():
+    """The hyperloop probe on 2 CPU cores (2026-12-06): phi_variant's interval ran into the bound 3 and delta phi's
+    into +4; an interval cut by the bound is no measurement, whatever it excludes."""
+    from analysis.compare import Comparison
+
+    low, high = engine.PHI_BOUNDS
+    kwargs = dict(variant="hyperloop", baseline="baseline", n_runs={"baseline": 8, "hyperloop": 4},
+                  shared={"E": 3.0, "A": 40.0, "alpha": 0.4, "B": 1e3, "beta": 0.6})
+    cut = Comparison(estimate={"phi_baseline": -0.33, "phi_variant": 1.99, "delta_phi": 2.32},
+                     bootstrap_ci={"phi_baseline": (low, 0.72), "phi_variant": (0.83, high - 0.2),
+                                   "delta_phi": (0.72, high - low)}, profile_ci={}, **kwargs)
+    assert cut.excludes_zero() == {"bootstrap": True}
+    assert cut.at_bound() == ["baseline"] and not cut.distinguishable
+    assert cut.verdict.startswith("no verdict: phi of 'baseline' reaches its search bound")
+    pinned = Comparison(estimate={"phi_baseline": 0.46, "phi_variant": 0.65, "delta_phi": 0.19},
+                        bootstrap_ci={"phi_baseline": (0.40, 0.52), "phi_variant": (0.58, 0.72),
+                                      "delta_phi": (0.10, 0.28)}, profile_ci={}, **kwargs)
+    assert pinned.at_bound() == [] and pinned.distinguishable
