@@ -319,8 +319,18 @@ def test_sweep_job_on_two_nodes(cluster, tmp_path):
 
     from analysis import ScalingLaw
 
-    work = _checkout(tmp_path)
-    (work / "e2e-spec.yaml").write_text(SWEEP_SPEC)
+    import yaml
+
+    from models.accounting import flops_per_token, param_counts
+    from test_plugin_ray import user_project
+    from tuning.grid import expand
+    from tuning.spec import SweepSpec
+
+    # The user's own loop, in their checkout (not under models/): the job's working dir carries it to every node.
+    work = user_project(_checkout(tmp_path))
+    spec = yaml.safe_load(SWEEP_SPEC)
+    spec["model"].update(injection="userloops.gated:Gated", injection_args={"gate_init": 0.3})
+    (work / "e2e-spec.yaml").write_text(yaml.safe_dump(spec))
     store = tmp_path / "store"  # one filesystem for all loopback nodes: a local path is shared storage here
     before = {a["actor_id"] for a in cluster.actors()}
     proc = cluster.submit(
@@ -339,6 +349,17 @@ def test_sweep_job_on_two_nodes(cluster, tmp_path):
     assert len(runs) == N_CELLS and runs["run_id"].is_unique, runs[["run_id", "status"]]
     assert set(runs["status"]) == {"completed"}, runs[["run_id", "status", "error"]]
     assert sorted(runs["r"].unique()) == [1, 2]
+    # The plugin's exact parameters and FLOPs in every row (r = 1 has no loop, so no injection).
+    sys.path.append(str(work))
+    try:
+        cells = {c.run_id: c for c in expand(SweepSpec.from_dict({**spec, "storage": str(store)}))}
+    finally:
+        sys.path.remove(str(work))
+    assert set(runs["run_id"]) == set(cells)
+    for row in runs.itertuples():
+        model = cells[row.run_id].run.model
+        assert (row.n_rec, row.flops_per_token) == (param_counts(model).n_rec, flops_per_token(model))
+        assert row.injection == ("userloops.gated:Gated" if row.r > 1 else model.injection)
 
     # TensorBoard events per run, read back with TensorBoard's own reader.
     for run_id in runs["run_id"]:

@@ -1,53 +1,56 @@
-"""A plugin injection in a user's own project folder trains on a real local Ray (the driver's working directory is
-importable on every worker, as `ray job submit --working-dir .` makes it on a cluster) and records exact counts."""
+"""A plugin injection in a user's own project folder (not under models/) trains through `python tuning/sweep.py` on a
+real local Ray, run from that folder as a user runs it: the driver finds the plugin in its working directory, and
+Ray puts that directory on every worker's path (as `ray job submit --working-dir .` does on a cluster, tested in
+tests/test_job_submit.py). Its rows carry the exact N_rec and F of models.accounting."""
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from models.accounting import flops_per_token, param_counts
-from training.config import RunConfig
+from training import results_store
+from tuning.grid import expand
+from tuning.spec import SweepSpec
+from two_cell_spec import two_cell_spec
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "gated.py"
 
 
-@pytest.fixture(scope="module")
-def user_project(tmp_path_factory):
-    """A folder holding the package `userloops` (tests/plugins/gated.py), made the working directory before Ray
-    starts, as a user runs `python tuning/sweep.py` from their own project."""
-    from training.ray_session import ray_session
+def user_project(folder: Path) -> Path:
+    """The package `userloops` (tests/plugins/gated.py) in a folder of the user's own."""
+    (folder / "userloops").mkdir(parents=True)
+    (folder / "userloops" / "__init__.py").write_text("")
+    shutil.copy(PLUGIN, folder / "userloops" / "gated.py")
+    return folder
 
-    project = tmp_path_factory.mktemp("project")
-    (project / "userloops").mkdir()
-    (project / "userloops" / "__init__.py").write_text("")
-    shutil.copy(PLUGIN, project / "userloops" / "gated.py")
-    before = os.getcwd()
-    os.chdir(project)
+
+def test_plugin_from_the_working_dir_trains_through_the_sweep(tmp_path):
+    project = user_project(tmp_path / "project")
+    spec = two_cell_spec("plugin", project / "results", {"rule": "fixed", "value": 3.0e-3})
+    spec["model"].update(injection="userloops.gated:Gated", injection_args={"gate_init": 0.3})
+    spec["r"] = [2]
+    (project / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tuning" / "sweep.py"), "--config", "spec.yaml",
+                           "--num-cpus", "2", "--no-fit"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    sys.path.append(str(project))  # to expand the spec here as the driver did
     try:
-        with ray_session("local", num_cpus=2, log_to_driver=False):
-            yield project
+        (cell,) = expand(SweepSpec.from_yaml(project / "spec.yaml").replace(storage=str(project / "results")))
     finally:
-        os.chdir(before)
-
-
-def test_plugin_from_the_working_dir_trains_on_ray(user_project):
-    from training.run import execute
-
-    cfg = RunConfig.from_dict({
-        "model": {"family": "tiny", "r": 2, "d_model": 32, "head_dim": 16, "rec_depth": 4, "seq_len": 64,
-                  "vocab_size": 512, "injection": "userloops.gated:Gated", "injection_args": {"gate_init": 0.3}},
-        "optim": {"lr": 3e-3, "embed_lr_mult": 10.0},
-        "budget": {"tokens": 1024 * 8}, "batch_tokens": 1024, "micro_batch": 4, "zero_stage": 0,
-        "resources": {"num_workers": 1, "cpus_per_worker": 1.0},
-        "eval_every": 8, "checkpoint_every": 100, "val_tokens": 2048, "max_failures": 0,
-        "eval_depths": [2], "storage": str(user_project / "results"), "name": "plugin",
-    })
-    row = execute(cfg)
-    assert row["status"] == "completed", row.get("error")
-    counts = param_counts(cfg.model)
+        sys.path.remove(str(project))
+    (row,) = results_store.read_runs(str(project / "results")).to_pylist()
+    assert row["status"] == "completed" and row["run_id"] == cell.run_id, row.get("error")
     assert row["injection"] == "userloops.gated:Gated"
-    assert (row["n_rec"], row["flops_per_token"]) == (counts.n_rec, flops_per_token(cfg.model))
-    assert counts.injection == 32 * 32 + 32
+    counts = param_counts(cell.run.model)
+    assert counts.injection == 32 * 32 + 32  # the plugin's W and gate, in N_rec
+    assert (row["n_rec"], row["flops_per_token"]) == (counts.n_rec, flops_per_token(cell.run.model))
