@@ -1,12 +1,17 @@
-"""`python -m analysis fit|compare|query|plot|depth`: fit a law from a store or table, compare a variant's phi with
-the baseline's (one joint fit), query a saved law, draw figures, and fit each looped run's test-time depth curve.
-Pricing a sweep spec before it runs expands the spec, which is the sweep layer's job: `python -m tuning.plan SPEC`."""
+"""`python -m analysis fit|compare|query|plot|depth|eval|lmeval`: fit a law from a store or table, compare a
+variant's phi with the baseline's (one joint fit), query a saved law, draw figures, fit each looped run's test-time
+depth curve, and measure the runs' downstream accuracy with lm-evaluation-harness (the `eval` extra). Pricing a sweep
+spec before it runs expands the spec, which is the sweep layer's job: `python -m tuning.plan SPEC`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+
+from training.storage import is_uri
 
 from . import engine
 from .data import load_runs
@@ -126,6 +131,41 @@ def _parser() -> argparse.ArgumentParser:
     depth.add_argument("--seed", type=int, default=0)
     depth.add_argument("--variant", help="only runs of this variant")
 
+    ev = sub.add_parser("eval", help="downstream accuracy of the runs at test-time depths (lm-evaluation-harness)",
+                        description="Evaluate every completed run of STORE (or --runs / --variant) on lm-eval tasks at "
+                                    "each test-time depth, one Ray task per run (one GPU each where there are GPUs); "
+                                    "rows go to STORE/evals/<run_id>.parquet, and a run x task x depth already there "
+                                    "is skipped. Prints a table (the metric at each depth per run, with N_eff from "
+                                    "the store's law) and writes a plot. Needs the eval extra: "
+                                    "pip install -e '.[eval]'.")
+    ev.add_argument("source", help="results store folder/URI")
+    ev.add_argument("--tasks", required=True,
+                    help="comma-separated lm-eval task names: the local kjv_cloze, kjv_order (no download), your own "
+                         "(--include-path), or lm-eval's (they download from the Hugging Face Hub)")
+    ev.add_argument("--depths", help="comma-separated test-time r values (default: each run's trained r); dense runs "
+                                     "(r=1) are evaluated at r'=1 only")
+    ev.add_argument("--runs", help="comma-separated run ids (default: every completed run)")
+    ev.add_argument("--variant", help="only runs of this variant")
+    ev.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                    help="a folder of your own lm-eval task YAMLs (repeatable)")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--skip-missing", action="store_true",
+                    help="leave out runs without stored final weights instead of refusing (runs stored before weights "
+                         "were kept have none)")
+    ev.add_argument("--metric", default="acc", help="the metric of the table and plot (default acc; a task without "
+                                                   "it shows its first metric)")
+    ev.add_argument("--law", help="law JSON whose phi gives N_eff (default STORE/law.json when there is one; `none`: "
+                                  "unique parameters)")
+    ev.add_argument("--plot", help="PNG to write (default STORE/plots/evals.png for a local store)")
+
+    lme = sub.add_parser("lmeval", help="lm-eval's own command line, with the looplaw model registered",
+                         description="lm-evaluation-harness's command (lm-eval run ...) with `--model looplaw` known "
+                                     "and the local tasks found: python -m analysis lmeval --model looplaw "
+                                     "--model_args run=STORE/RUN_ID,r=4 --tasks kjv_cloze. Everything after "
+                                     "`lmeval` goes to lm-eval.")
+    lme.add_argument("args", nargs=argparse.REMAINDER, help="lm-eval's arguments (main hands them over unparsed)")
     return parser
 
 
@@ -259,10 +299,99 @@ def _cmd_depth(a) -> str:
         text += f"\nplot: {plot_depth_curves(points, fits, a.plot)}"
     return text
 
+def _require_eval_extra() -> None:
+    try:
+        importlib.import_module("lm_eval")
+    except ImportError:
+        raise ValueError("lm-evaluation-harness is not installed: `eval` and `lmeval` need the eval extra, "
+                         "pip install -e '.[eval]' (lm-eval 0.4.13)") from None
+
+
+def _eval_law(a) -> tuple[ScalingLaw | None, str, str]:
+    """The law whose phi prices each run (N_eff), what N_eff then is (the plot's axis) and where phi comes from."""
+    path = a.law
+    if path is None:
+        default = os.path.join(a.source, "law.json")
+        path = default if os.path.isfile(default) else "none"
+    if path == "none":
+        return None, "unique parameters N_once + N_rec", "no law"
+    law = load_law(path)
+    if law.phi is None:
+        return law, "unique parameters N_once + N_rec", f"dense law {path}"
+    return law, f"effective parameters N_once + r^{law.phi:.2f} N_rec", f"phi from {path}"
+
+
+class CommandFailed(Exception):
+    """A command that ran to its end with failures: its report, then exit status 1."""
+
+
+def _cmd_eval(a) -> str:
+    _require_eval_extra()
+    # lm-eval, torch and Ray load only for this command (2.3-2.7 s more start-up here: importing analysis.downstream
+    # took 3.4-3.7 s against 1.1 s for analysis.cli), and only where the eval extra is installed.
+    from .downstream import EvalSpec, evaluate_store
+    from .eval_report import eval_table, format_eval_table, load_evals
+    from .plots import plot_evals
+
+    law, axis, source = _eval_law(a)
+    try:
+        depths = _ints(a.depths)
+    except ValueError:
+        raise ValueError(f"depths: {a.depths!r} is not a comma-separated list of integers; e.g. --depths 1,2,4,8") \
+            from None
+    spec = EvalSpec(store=a.source, tasks=tuple(a.tasks.split(",")), depths=depths,
+                    runs=None if a.runs is None else tuple(a.runs.split(",")), variant=a.variant,
+                    include_path=tuple(a.include_path), num_fewshot=a.num_fewshot, limit=a.limit,
+                    batch_size=a.batch_size, skip_missing=a.skip_missing)
+    outcome = evaluate_store(spec, echo=lambda line: print(line, file=sys.stderr, flush=True))
+    points = load_evals(spec.store, tasks=spec.tasks, run_ids=outcome.run_ids, num_fewshot=spec.num_fewshot,
+                        limit=spec.limit, law=law)
+    table = eval_table(points, a.metric)
+    lines = [format_eval_table(table, law_note=f"N_eff: {axis}, {source}")]
+    plot = a.plot or (None if is_uri(spec.store) else os.path.join(spec.store, "plots", "evals.png"))
+    if plot and not table.empty:
+        lines.append(f"plot: {plot_evals(table, plot, x_label=axis)}")
+    lines.append(f"evaluated {len(outcome.evaluated)} runs in {outcome.seconds:.0f} s; {len(outcome.up_to_date)} were "
+                 "up to date" + (f"; left out without weights: {', '.join(outcome.no_weights)}"
+                                 if outcome.no_weights else ""))
+    if outcome.failed:
+        raise CommandFailed("\n".join(lines + [f"failed: {run}: {why}" for run, why in outcome.failed.items()]))
+    return "\n".join(lines)
+
+
+def _cmd_lmeval(args: list[str]) -> int:
+    _require_eval_extra()
+    from lm_eval.__main__ import cli_evaluate
+
+    from . import lm_model  # noqa: F401  (registers `looplaw`: lm-eval's command finds no third-party model itself)
+    from .eval_tasks import TASKS_DIR
+
+    args = list(args)
+    if not any(arg.startswith("--include_path") for arg in args):
+        args += ["--include_path", str(TASKS_DIR)]  # the local tasks, when the user names no folder of their own
+    before, sys.argv = sys.argv, ["lm-eval", *args]  # lm-eval's command reads sys.argv, as its console script
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = before
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lmeval"]:  # lm-eval parses its own options (argparse would claim those it does not know)
+        try:
+            return _cmd_lmeval(argv[1:])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     a = _parser().parse_args(argv)
     try:
-        result = {"fit": _cmd_fit, "compare": _cmd_compare, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth}[a.command](a)
+        result = {"fit": _cmd_fit, "compare": _cmd_compare, "query": _cmd_query, "plot": _cmd_plot, "depth": _cmd_depth,
+                  "eval": _cmd_eval}[a.command](a)
+    except CommandFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

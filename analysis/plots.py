@@ -228,3 +228,42 @@ def plot_depth_curves(points, fits: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(plt, fig, path)
+
+
+def plot_evals(table, path: str | Path, *, x_label: str) -> Path:
+    """Downstream metric per task (one row of panels each): left, at each run's trained r against its effective
+    parameters, one colour per r (do runs of equal N_eff score alike whatever their r?); right, against the
+    test-time r, one line per looped run (what do more or fewer recurrences buy?). `table` is
+    analysis.eval_report.eval_table's; dashed: chance."""
+    plt = _pyplot()
+    tasks = sorted(table["task"].unique())
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.8 * len(tasks)), squeeze=False)
+    colors = _colors(table["r"].unique())
+    depth_columns = sorted((c for c in table.columns if c.startswith("r'=")), key=lambda c: int(c[3:]))
+    for (left, right), task in zip(axes, tasks):
+        t = table[table["task"] == task]
+        metric = t["metric"].iloc[0]
+        for r, g in t.groupby("r", sort=True):
+            left.errorbar(g["n_eff"], g["at_trained_r"], yerr=g["stderr"], fmt="o", ms=5, capsize=2,
+                          color=colors[r], label=f"r={r}")
+        for row in t.itertuples():
+            values = t.loc[row.Index, depth_columns]
+            seen = values.notna().to_numpy()
+            depths = np.array([int(c[3:]) for c in depth_columns])[seen]
+            style = {"color": colors[row.r], "alpha": 0.7, "ms": 4}
+            right.plot(depths, values.to_numpy(float)[seen], "-o" if len(depths) > 1 else "o", lw=1, **style)
+            if row.r in depths:
+                right.plot([row.r], [row.at_trained_r], "s", mfc="none", mew=1.2, ms=8, color=colors[row.r])
+        for ax in (left, right):
+            chance = t["chance"].mean()
+            if math.isfinite(chance):
+                ax.axhline(chance, color="k", ls="--", lw=0.8)
+            ax.set_ylabel(f"{task}: {metric}")
+        left.set_xscale("log")
+        left.set_xlabel(x_label)
+        left.legend(fontsize=7, title="trained", title_fontsize=7)
+        right.set_xticks([int(c[3:]) for c in depth_columns if t[c].notna().any()])
+        right.set_xlabel("recurrences at evaluation r' (square: the trained r)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(plt, fig, path)

@@ -91,7 +91,7 @@ def test_help_of_every_subcommand(capsys):
         assert "usage: python -m analysis" in capsys.readouterr().out
     # and the module entry point itself
     proc = subprocess.run([sys.executable, "-m", "analysis", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "{fit,compare,query,plot,depth}" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "{fit,compare,query,plot,depth,eval,lmeval}" in proc.stdout, proc.stderr
 
 
 @pytest.mark.slow

@@ -119,3 +119,19 @@ def test_a_parquet_file_without_a_run_row_is_quarantined(tmp_path):
     assert rs.read_runs(str(store)).column("run_id").to_pylist() == ["d64-r2-abc"]
     (q,) = rs.quarantined(str(store))
     assert q.file == "foreign.parquet" and "no run row" in q.reason
+
+
+def test_eval_rows_are_added_and_never_written_over(tmp_path):
+    store = f"file://{tmp_path}/store"  # a pyarrow.fs URI, as on a cluster
+    row = {"request": "kjv_cloze", "task": "kjv_cloze", "metric": "acc", "value": 0.3, "stderr": 0.02, "depth": 2,
+           "num_fewshot": None, "limit": None}
+    assert rs.add_evals(store, "d64-r2-abc", [row, {**row, "metric": "acc_norm"}]) == 2
+    again = [{**row, "value": 0.9}, {**row, "depth": 4}, {**row, "depth": 4, "limit": 10}]
+    assert rs.add_evals(store, "d64-r2-abc", again) == 2  # the stored (depth 2, acc) row stays as it was
+    table = rs.read_evals(store, "d64-r2-abc").to_pandas()
+    assert rs.read_evals(store).schema.equals(rs.EVAL_SCHEMA) and len(table) == 4
+    assert table.loc[(table["depth"] == 2) & (table["metric"] == "acc"), "value"].tolist() == [0.3]
+    assert rs.read_evals(store, "d64-r2-xyz").num_rows == 0
+    with pytest.raises(ValueError, match=r"^evals.depth: \[0\]"):
+        rs.add_evals(store, "d64-r2-abc", [{**row, "depth": 0}])
+    assert not [p for p in os.listdir(tmp_path / "store" / "evals") if p.startswith(".")]  # no temp files left

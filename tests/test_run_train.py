@@ -16,6 +16,7 @@ import pytest
 from models.accounting import flops_per_token, param_counts
 from training import results_store
 from training.config import RunConfig
+from training.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +93,9 @@ def test_zero3_runs(ray_local, tmp_path):
     assert row["status"] == "completed", row.get("error")
     curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
     assert row["val_loss"] < curve.val_loss.iloc[0] - 0.3
+    # ZeRO-3 partitions every parameter: the final weights are stored gathered, whole (a partition would not load)
+    stored = read_weights(cfg.storage, cfg.run_id)
+    assert stored.step == 20 and stored.model().embed.weight.shape == (512, 64)
 
 
 def _train_workers() -> list[psutil.Process]:

@@ -222,7 +222,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     scalars = Scalars(f"{storage_root(cfg)}/tensorboard/{cfg.run_id}" if rank == 0 else None)
-    trainer = Trainer(cfg, config["data_dir"], rank, world, device, scalars)
+    trainer = Trainer(cfg, config["data_dir"], rank, world, device, scalars, weights_store=storage_root(cfg))
     notes: list[str] = []
     if checkpoint is not None:
         checkpoint, notes = select_checkpoint(checkpoint, rank, world)

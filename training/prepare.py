@@ -41,6 +41,7 @@ from training.storage import filesystem
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_DOC_CHARS = 8192
+DEFAULT_VAL_FRACTION = 0.05  # also what analysis.eval_tasks builds its held-out items from
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class PrepareConfig:
     vocab_size: int = 8192
     text_column: str = "text"
     tokenizer: str | None = None  # a tokenizer.json to use instead of training one
-    val_fraction: float = 0.05
+    val_fraction: float = DEFAULT_VAL_FRACTION
     max_doc_chars: int = DEFAULT_MAX_DOC_CHARS  # longer documents are split (0 = never split)
     tokenizer_sample_bytes: int = 100_000_000  # how much text trains the BPE
     rows_per_group: int = 1024  # Parquet row-group size: the unit the loader shuffles and shards by
@@ -344,7 +345,7 @@ def default_data_root() -> Path:
 
 
 def ensure_default_data(
-    out_root: str | os.PathLike | None = None, vocab_size: int = 4096, val_fraction: float = 0.05
+    out_root: str | os.PathLike | None = None, vocab_size: int = 4096, val_fraction: float = DEFAULT_VAL_FRACTION
 ) -> str:
     """The default corpus (KJV) prepared under `out_root` (default: `default_data_root()`), once per content:
     returns its folder.

@@ -4,6 +4,8 @@ Layout under STORE (a local folder or any pyarrow.fs URI such as s3://bucket/pre
     STORE/runs/<run_id>.parquet     one row, schema RUN_SCHEMA
     STORE/curves/<run_id>.parquet   the loss curve, schema CURVE_SCHEMA
     STORE/depths/<run_id>.parquet   held-out loss at each test-time depth (looped runs only), schema DEPTH_SCHEMA
+    STORE/evals/<run_id>.parquet    downstream task metrics at test-time depths (analysis eval), schema EVAL_SCHEMA
+    STORE/weights/<run_id>.pt       the run's final weights (training.weights)
     STORE/runs/_quarantine/         run files that could not be read, moved aside (see read_runs)
 Files are written to a dot-prefixed temp name and renamed, so readers (pyarrow.dataset and pandas skip names
 starting with '.' or '_') never see half a file, and the file name is the run id, so writing a run twice
@@ -17,7 +19,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -26,7 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from training.storage import filesystem
+from training.storage import atomic_write, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -120,22 +121,37 @@ DEPTH_SCHEMA = pa.schema([
     pa.field("seconds", pa.float64(), metadata={"doc": "wall time of this depth's evaluation (rank 0)"}),
 ])
 
+EVAL_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("request", pa.string(), nullable=False,
+             metadata={"doc": "the task name asked for (a group's subtasks carry the group's name)"}),
+    pa.field("task", pa.string(), nullable=False, metadata={"doc": "lm-eval task (or group) the metric is of"}),
+    pa.field("metric", pa.string(), nullable=False, metadata={"doc": "e.g. acc, acc_norm; ',<filter>' appended "
+                                                                     "for a filter other than lm-eval's 'none'"}),
+    pa.field("value", pa.float64()),
+    pa.field("stderr", pa.float64(), metadata={"doc": "lm-eval's standard error (NaN where it gives none)"}),
+    pa.field("depth", pa.int64(), nullable=False, metadata={"doc": "recurrences at evaluation (test-time r)"}),
+    pa.field("trained_r", pa.int64()),
+    pa.field("num_fewshot", pa.int64()),
+    pa.field("limit", pa.int64(), metadata={"doc": "examples per task asked for (null: all)"}),
+    pa.field("n_samples", pa.int64(), metadata={"doc": "examples evaluated"}),
+    pa.field("chance", pa.float64(), metadata={"doc": "mean 1/choices of a multiple-choice task, else NaN"}),
+    pa.field("task_version", pa.string()),
+    pa.field("task_hash", pa.string(), metadata={"doc": "hash of every example's document, prompt and target, "
+                                                        "as lm-eval's EvaluationTracker computes it"}),
+    pa.field("lm_eval_version", pa.string()),
+    pa.field("seconds", pa.float64(), metadata={"doc": "wall time of the evaluation call at this depth"}),
+    pa.field("evaluated_at", _TS),
+])
+# A stored row answers a request at a depth under these settings; a new row with the same key is never written.
+EVAL_KEY = ("request", "task", "metric", "depth", "num_fewshot", "limit")
+
 # Columns a row must carry; the rest default to null.
 REQUIRED = ("run_id", "status", "d_model", "r", "n_once", "n_rec", "flops_per_token", "tokens", "compute", "val_loss")
 
 
 def _atomic_write(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table) -> None:
-    fs.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
-    try:
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, f"{folder}/{name}")
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except (OSError, FileNotFoundError):
-            pass
-        raise
+    atomic_write(fs, folder, name, lambda tmp: pq.write_table(table, tmp, filesystem=fs))
 
 
 def _check_run_id(run_id: Any) -> str:
@@ -190,14 +206,18 @@ def write_depths(store: str | os.PathLike, run_id: str, depths: Iterable[Mapping
     _atomic_write(fs, f"{root}/depths", f"{run_id}.parquet", table)
 
 
+def _read_per_run(store: str | os.PathLike, folder: str, schema: pa.Schema, run_id: str | None) -> pa.Table:
+    """Every run's rows of a per-run folder (one run's with `run_id`); an empty table of `schema` when there are none."""
+    fs, root = filesystem(store)
+    path = f"{root}/{folder}" if run_id is None else f"{root}/{folder}/{_check_run_id(run_id)}.parquet"
+    if fs.get_file_info(path).type not in (pafs.FileType.Directory, pafs.FileType.File):
+        return schema.empty_table()
+    return ds.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table()
+
+
 def read_depths(store: str | os.PathLike, run_id: str | None = None) -> pa.Table:
     """Every run's depth rows (one run's with `run_id`); an empty DEPTH_SCHEMA table when there are none."""
-    fs, root = filesystem(store)
-    path = f"{root}/depths" if run_id is None else f"{root}/depths/{_check_run_id(run_id)}.parquet"
-    kind = fs.get_file_info(path).type
-    if kind not in (pafs.FileType.Directory, pafs.FileType.File):
-        return DEPTH_SCHEMA.empty_table()
-    return ds.dataset(path, filesystem=fs, format="parquet", schema=DEPTH_SCHEMA).to_table()
+    return _read_per_run(store, "depths", DEPTH_SCHEMA, run_id)
 
 
 def has_run(store: str | os.PathLike, run_id: str) -> bool:
@@ -302,3 +322,34 @@ def finite_or_nan(value: Any) -> float:
     if value is None:
         return math.nan
     return float(value)
+
+
+def read_evals(store: str | os.PathLike, run_id: str | None = None) -> pa.Table:
+    """Every run's downstream eval rows (one run's with `run_id`); an empty EVAL_SCHEMA table when there are none."""
+    return _read_per_run(store, "evals", EVAL_SCHEMA, run_id)
+
+
+def _eval_key(row: Mapping[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in EVAL_KEY)
+
+
+def add_evals(store: str | os.PathLike, run_id: str, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Add eval rows to the run's file atomically, keeping every stored row as it is: a row whose key (EVAL_KEY) is
+    stored already is dropped, never written over. Returns how many rows were added. One writer per run at a time
+    (analysis eval evaluates each run in one task)."""
+    new = [{"run_id": _check_run_id(run_id), **{k: row.get(k) for k in EVAL_SCHEMA.names[1:]}} for row in rows]
+    bad = [row["depth"] for row in new if not isinstance(row["depth"], int) or row["depth"] < 1]
+    if bad:
+        raise ValueError(f"evals.depth: {bad} are not recurrence counts; every depth must be an integer >= 1")
+    stored = read_evals(store, run_id)
+    seen = {_eval_key(row) for row in stored.select(list(EVAL_KEY)).to_pylist()}
+    fresh = []
+    for row in new:
+        if _eval_key(row) not in seen:
+            seen.add(_eval_key(row))
+            fresh.append(row)
+    if fresh:
+        table = pa.concat_tables([stored, pa.Table.from_pylist(fresh, schema=EVAL_SCHEMA)])
+        fs, root = filesystem(store)
+        _atomic_write(fs, f"{root}/evals", f"{run_id}.parquet", table)
+    return len(fresh)

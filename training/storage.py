@@ -5,7 +5,8 @@ Torch-free and Ray-free: the results store, the data loader, the sweep driver an
 from __future__ import annotations
 
 import os
-from typing import Any
+import uuid
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -31,3 +32,19 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 def storage_root(cfg: Any) -> str:
     """Where a run keeps its results, Ray Train checkpoints and TensorBoard logs: its config's `storage`, absolute."""
     return absolute(cfg.storage)
+
+
+def atomic_write(fs: pafs.FileSystem, folder: str, name: str, write: Callable[[str], None]) -> None:
+    """`write(path)` to a dot-prefixed temp name in `folder`, then rename it to `name`: readers (pyarrow.dataset and
+    pandas skip names starting with '.') never see half a file, and a failed write leaves nothing behind."""
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        write(tmp)
+        fs.move(tmp, f"{folder}/{name}")
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise

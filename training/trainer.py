@@ -32,10 +32,11 @@ import torch.distributed as dist
 from models import LoopedLM
 from training.config import RunConfig
 from training.depth_eval import evaluate, evaluate_depths
-from training.loader import TokenLoader, bits_per_byte, load_meta, validation_batches
+from training.loader import TokenLoader, bits_per_byte, load_data_tokenizer, load_meta, validation_batches
 from training.monitor import device_peak_flops, mfu
 from training.optim import apply_lr, build_engine
 from training.prefetch import BatchPrefetcher
+from training.weights import write_weights
 
 SPIKE_WINDOW = 20  # logged windows in the running mean the spike guard compares against
 SPIKE_MIN_HISTORY = 5  # no spike verdict before this many windows: early losses fall fast
@@ -125,12 +126,16 @@ class Trainer:
     """Builds the model, engine, loader and validation batches of `cfg` for this rank; `fit` trains to the budget.
 
     `report(metrics, checkpoint_dir_or_None, done)` hands metrics (and a checkpoint folder) to whoever runs the loop
-    (Ray Train in training.loop; nothing in the bench).
+    (Ray Train in training.loop; nothing in the bench). With `weights_store`, the final weights of the run and of each
+    cooldown branch go to that results store (training.weights) for downstream evaluation.
     """
 
     def __init__(self, cfg: RunConfig, data_dir: str, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None, scalars: Any = None):
+                 device: torch.device | None = None, scalars: Any = None, weights_store: str | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.weights_store = weights_store
+        # The tokenizer travels with the weights, so a store is evaluable without the prepared data folder.
+        self.tokenizer_json = load_data_tokenizer(data_dir).to_str() if weights_store and rank == 0 else None
         self.device = device or torch.device("cpu")
         self.on_gpu = self.device.type == "cuda"
         self.scalars = scalars
@@ -184,6 +189,18 @@ class Trainer:
         self.state.restarts += 1
         self.loader.load_state_dict(self.state.loaders[self.rank])
         _set_rng_state(self.state.rng)
+
+    def save_weights(self, run_id: str, step: int) -> None:
+        """The model's weights as they are now, as `run_id`'s final weights (nothing without a weights store). Every
+        rank joins the gather (ZeRO-3 partitions the parameters; for other stages it gathers nothing); rank 0
+        writes."""
+        if self.weights_store is None:
+            return
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                write_weights(self.weights_store, run_id, module.state_dict(), self.cfg.model, self.tokenizer_json,
+                              step)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self) -> torch.Tensor:
@@ -262,7 +279,10 @@ class Trainer:
         val = self.evaluate() if math.isfinite(train_loss) else math.nan
         loop = self.loop_check() if math.isfinite(val) and cfg.model.r > 1 else None
         t3 = time.perf_counter()
-        self.state.checkpoint_seconds += t1 - t0
+        if math.isfinite(val):  # the branch's row is a model of its own: its weights are these
+            self.save_weights(cfg.branch_config(self._horizon_budget(horizon)).run_id, horizon)
+        t4 = time.perf_counter()
+        self.state.checkpoint_seconds += (t1 - t0) + (t4 - t3)
         self.state.train_seconds += t2 - t1
         self.state.train_tokens_timed += (horizon - start) * cfg.batch_tokens
         self.state.eval_seconds += t3 - t2
@@ -270,8 +290,8 @@ class Trainer:
                   "train_loss": train_loss, "val_loss": val,
                   "val_bpb": bits_per_byte(val, self.meta) if math.isfinite(val) else math.nan,
                   "status": "completed" if math.isfinite(val) else "diverged", "loop": loop,
-                  "seconds": t3 - t0, "train_seconds": t2 - t1, "eval_seconds": t3 - t2,
-                  "checkpoint_seconds": t1 - t0}
+                  "seconds": t4 - t0, "train_seconds": t2 - t1, "eval_seconds": t3 - t2,
+                  "checkpoint_seconds": (t1 - t0) + (t4 - t3)}
         self.batches.close()
         self.batches = None
         kept = {name: getattr(self.state, name) for name in _ACCOUNTING}
@@ -285,6 +305,10 @@ class Trainer:
         if self.rank == 0:
             shutil.rmtree(snapshot, ignore_errors=True)
         return result
+
+    def _horizon_budget(self, steps: int) -> float:
+        """The horizon (in the run's budget unit) whose branch ends at `steps`."""
+        return next(h for h in self.cfg.horizons if self.cfg.branch_config(h).steps == steps)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, report: Callable[[dict, bool, dict | None], None]) -> dict[str, Any]:
@@ -395,6 +419,10 @@ class Trainer:
         depths = [] if diverged else self.evaluate_depths()
         loop = None if diverged or cfg.model.r == 1 else self.loop_check(depths)
         state.eval_seconds += time.perf_counter() - t0
+        if not diverged:
+            t0 = time.perf_counter()
+            self.save_weights(cfg.run_id, state.step)
+            state.checkpoint_seconds += time.perf_counter() - t0
         if state.train_seconds == 0 and first_window is not None:
             state.train_seconds, state.train_tokens_timed = first_window
         seconds = state.train_seconds

@@ -5,6 +5,8 @@
     looplaw prepare --input SRC --out DIR ...              = python -m training.prepare ...
     looplaw plan SPEC [--suggest] [--simulate N]           = python -m tuning.plan ...
     looplaw fit | compare | query | plot | depth ...       = python -m analysis fit | compare | query | plot | depth ...
+    looplaw eval STORE --tasks T1,T2 [--depths 1,2,4,8]    = python -m analysis eval ...   (the eval extra)
+    looplaw lmeval --model looplaw --model_args run=...    = python -m analysis lmeval ... (lm-eval's command)
 
 Each command is its module's own `main`, imported only when asked for (a query never imports Ray or torch); the
 script and `python -m` forms keep working (`ray job submit` uses `python tuning/sweep.py`).
@@ -25,6 +27,8 @@ COMMANDS: dict[str, tuple[str, bool]] = {
     "query": ("analysis.cli", True),
     "plot": ("analysis.cli", True),
     "depth": ("analysis.cli", True),
+    "eval": ("analysis.cli", True),
+    "lmeval": ("analysis.cli", True),
 }
 
 
