@@ -92,6 +92,7 @@ def _import_alone(name: str) -> str | None:
     return None if proc.returncode == 0 else f"{name}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
 
 
+@pytest.mark.slow  # ~100 fresh interpreters (50 s of the quick loop's 3 min on 2 cores): a house check CI runs
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     # One interpreter per module: a cycle at import time shows only when its module is the first one imported.
     with ThreadPoolExecutor(max_workers=2) as pool:
