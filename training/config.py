@@ -319,6 +319,14 @@ class RunConfig:
         return dataclasses.replace(self, horizons=None, **budget, **{k: None for k in ("compute", "tokens")
                                                                       if k not in budget})
 
+    def branch_at(self, steps: int) -> "RunConfig":
+        """The cooldown branch that ends at `steps` (one of `horizon_steps` before the last)."""
+        for h in self.horizons or ():
+            branch = self.branch_config(h)
+            if branch.steps == steps:
+                return branch
+        raise ValueError(f"horizons: no cooldown branch of {self.run_id} ends at step {steps}")
+
     @property
     def horizon_steps(self) -> list[int]:
         """Steps at which each cooldown branch ends, then the run's own last step."""

@@ -185,10 +185,9 @@ def branch_rows(cfg: RunConfig, summary: dict[str, Any] | None, started: dt.date
     """The rows of a multi-horizon run's cooldown branches, each under the id of the run trained to its horizon
     alone. Written before the parent's row, so a stored parent implies its branches."""
     branches = (summary or {}).get("branches") or ()
-    by_steps = {cfg.branch_config(h).steps: h for h in (cfg.horizons or ())}
     rows = []
     for branch in branches:
-        branch_cfg = cfg.branch_config(by_steps[branch["steps"]])
+        branch_cfg = cfg.branch_at(branch["steps"])
         rows.append(make_row(branch_cfg, {**branch, "restarts": summary.get("restarts", 0),
                                           "parent_run_id": cfg.run_id, "steps_trained": branch["cooldown_steps"]},
                              wall_seconds=branch["seconds"], started_at=started,

@@ -280,7 +280,7 @@ class Trainer:
         loop = self.loop_check() if math.isfinite(val) and cfg.model.r > 1 else None
         t3 = time.perf_counter()
         if math.isfinite(val):  # the branch's row is a model of its own: its weights are these
-            self.save_weights(cfg.branch_config(self._horizon_budget(horizon)).run_id, horizon)
+            self.save_weights(cfg.branch_at(horizon).run_id, horizon)
         t4 = time.perf_counter()
         self.state.checkpoint_seconds += (t1 - t0) + (t4 - t3)
         self.state.train_seconds += t2 - t1
@@ -305,10 +305,6 @@ class Trainer:
         if self.rank == 0:
             shutil.rmtree(snapshot, ignore_errors=True)
         return result
-
-    def _horizon_budget(self, steps: int) -> float:
-        """The horizon (in the run's budget unit) whose branch ends at `steps`."""
-        return next(h for h in self.cfg.horizons if self.cfg.branch_config(h).steps == steps)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self, report: Callable[[dict, bool, dict | None], None]) -> dict[str, Any]:
