@@ -11,7 +11,8 @@ Taking it: list STORE/_lock/. No lease, or a lease whose holder is dead, means: 
 exclusively. On a local folder (and any `file://` store) that is `os.link` of a complete temp file to the lease's
 name, which fails when the name exists, so of two contenders exactly one gets it. On an object store (S3, GCS, where
 nothing creates exclusively) the contender writes the file with a unique token (aside, then moved whole into
-place), waits `settle` seconds and reads it back: only the last writer finds its own token, so again exactly one wins. The winner deletes the older generations.
+place), waits `settle` seconds and reads it back: only the last writer finds its own token, so again exactly one
+wins. The winner deletes the older generations.
 
 A holder is dead when its heartbeat is older than `stale_after` seconds (its node was lost, it was SIGKILLed, it
 hangs), or at once when it ran on this host and its pid is gone (or is now another process). A live holder is never
