@@ -134,9 +134,20 @@ class LoopCheck:
         share = len(self.idle) / len(m)
         meaning = ("phi here prices shallow networks, not recurrence: do not read it as what a loop is worth"
                    if share >= 0.5 else "these runs pull phi toward what a shallower network is worth")
+        working = self.working_budgets()
+        if working:
+            meaning += (f"; at {', '.join(f'C={c:.3g}' for c in working)} every looped run uses its loops: "
+                        f"only there does the r axis measure recurrence")
         return (f"{len(self.idle)} of {len(m)} looped runs leave their loops idle (loss at one recurrence within "
                 f"{self.threshold:.4f} nats = {IDLE_SD_MULTIPLE:g} seed sd of the trained r's; {self.by_budget()}): "
                 f"{names}; {meaning}")
+
+    def working_budgets(self) -> list[float]:
+        """The budgets at which no looped run is idle, smallest first."""
+        m = self.measured
+        if m["compute"].isna().all():
+            return []
+        return [float(c) for c, g in m.groupby("compute", sort=True) if not g["idle"].any()]
 
     def by_budget(self) -> str:
         """Idle / measured looped runs per budget: loops often switch on only in the longer runs."""

@@ -101,6 +101,21 @@ def test_a_gain_just_below_two_seed_sd_is_idle_and_just_above_is_not():
     assert check.idle == ["a"] and "a (gain" in check.warning and "b (gain" not in check.warning
 
 
+def test_the_warning_says_at_which_budgets_the_r_axis_measures_recurrence():
+    """As in the default sweep: the largest budget's loops all work, the short cooldown branches' do not."""
+    rows = pd.DataFrame({"run_id": list("abcdef"), "name": list("abcdef"), "r": [4, 8, 4, 8, 4, 4],
+                         "compute": [1e11, 1e11, 1e12, 1e12, 1e12, 1e12], "d_model": 16,
+                         "tokens": [1e3, 1e3, 1e4, 1e4, 1e4, 1e4], "lr": 0.01, "injection": "additive", "status": "completed",
+                         "val_loss": [4.0, 4.0, 3.8, 3.8, 3.8, 3.82],
+                         "seed": [0, 0, 0, 0, 1, 2], "variant": ["x"] * 4 + ["seed_noise"] * 2})
+    fitted = rows[rows["variant"] == "x"].assign(loss_r1=[4.001, 4.2, 4.3, 4.5])
+    check = check_loops(fitted, store_frame=rows)
+    assert check.idle == ["a"] and check.working_budgets() == [1e12]
+    assert "at C=1e+12 every looped run uses its loops: only there does the r axis measure recurrence" in check.warning
+    everything_idle = check_loops(fitted.assign(loss_r1=fitted["val_loss"]), store_frame=rows)
+    assert everything_idle.working_budgets() == [] and "every looped run uses" not in everything_idle.warning
+
+
 def test_without_replicates_the_fit_residuals_stand_in_and_say_so():
     rows = pd.DataFrame({"run_id": ["a"], "name": ["a"], "r": [4], "val_loss": [4.0], "loss_r1": [4.1],
                          "status": "completed", "seed": [0]})
