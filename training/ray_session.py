@@ -106,6 +106,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Ray gives a new node's raylet a fixed 30 s to register with the GCS (ray/_private/node.py, not configurable). On 2
+# cores already busy (two test files side by side, each starting a Ray while the other trains) it has missed that
+# twice in 3 CI runs (2026-12-06), failing the sweep before it began. Starting again costs one more Ray start-up.
+STARTUP_TRIES = 3
+STARTUP_TIMEOUT = "timed out during startup"  # the message of that exception
+
+
+def _init_with_retries(tmp: str, guard_pid: int, **init_options) -> None:
+    """ray.init(**init_options), started again (its processes reaped first) when the raylet missed the start-up wait."""
+    import ray
+
+    for attempt in range(1, STARTUP_TRIES + 1):
+        try:
+            ray.init(**init_options)
+            return
+        except Exception as exc:
+            if STARTUP_TIMEOUT not in str(exc) or attempt == STARTUP_TRIES:
+                raise
+            print(f"ray_session: the local Ray's raylet did not register in time (a busy machine); starting it again "
+                  f"(try {attempt + 1} of {STARTUP_TRIES})", file=sys.stderr, flush=True)
+            ray.shutdown()
+            _reap(tmp, spare={os.getpid(), guard_pid})
+
+
 @contextlib.contextmanager
 def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool, log_options: dict) -> Iterator[str]:
     import ray
@@ -129,8 +153,9 @@ def _private_ray(num_cpus: int | None, dashboard: bool, log_to_driver: bool, log
     try:
         with _environ(shared):
             try:
-                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, _temp_dir=tmp,
-                         log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars}, **log_options, **options)
+                _init_with_retries(tmp, guard.pid, address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                                   _temp_dir=tmp, log_to_driver=log_to_driver, runtime_env={"env_vars": env_vars},
+                                   **log_options, **options)
                 yield tmp
             finally:
                 ray.shutdown()
