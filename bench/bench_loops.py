@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_config(injection: str, r: int, d_model: int, compute: float, lr: float, seed: int, recipe: str,
-               head_dim: int, schedule: str) -> dict:
+               head_dim: int, schedule: str, batch_tokens: int = 1024) -> dict:
     return {
         "model": {"family": "tiny", "r": r, "d_model": d_model, "seq_len": 128, "vocab_size": 1024,
                   "head_dim": head_dim, "injection": injection},
         "optim": {"optimizer": recipe, "lr": lr, "final_lr_frac": 0.1, "schedule": schedule,
                   **({"embed_lr_mult": 10.0, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0} if recipe == "adamw" else {})},
-        "budget": {"compute": compute}, "batch_tokens": 1024, "micro_batch": 8, "seed": seed,
+        "budget": {"compute": compute}, "batch_tokens": batch_tokens, "micro_batch": batch_tokens // 128, "seed": seed,
         "zero_stage": 0, "eval_every": 10 ** 6, "log_every": 50, "checkpoint_every": 10 ** 6, "val_tokens": 8192,
         "eval_depths": [1, r], "resources": {"cpus_per_worker": 1.0},
     }
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="adamw", help="optim.name: adamw or muonh")
     p.add_argument("--schedule", default="linear")
     p.add_argument("--head-dim", type=int, default=8)
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per optimizer step (128-token sequences)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
         if r == 1 and injection != args.injection[0]:
             continue  # r = 1 has no injection: one plain run serves every mode
         designs.append((injection if r > 1 else "-", r, d, lr, seed,
-                        run_config(injection, r, d, args.compute, lr, seed, args.recipe, args.head_dim, args.schedule)))
+                        run_config(injection, r, d, args.compute, lr, seed, args.recipe, args.head_dim, args.schedule,
+                                   args.batch_tokens)))
 
     def train(design):
         *label, spec = design
@@ -95,7 +97,8 @@ def main(argv=None) -> int:
             return label, {"error": out.stderr.strip().splitlines()[-1:] or ["no output"]}
         return label, json.loads(lines[-1])
 
-    print(f"recipe {args.recipe}, C={args.compute:.3g}, schedule {args.schedule}, head_dim {args.head_dim}")
+    print(f"recipe {args.recipe}, C={args.compute:.3g}, schedule {args.schedule}, head_dim {args.head_dim}, "
+          f"batch {args.batch_tokens} tokens")
     print("| injection | r | d | lr | seed | loss at r | loss at r'=1 | loop gain | e/state RMS | state change | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with ThreadPoolExecutor(args.jobs) as pool:
