@@ -142,20 +142,21 @@ class LoopCheck:
                 f"{self.threshold:.4f} nats = {IDLE_SD_MULTIPLE:g} seed sd of the trained r's; {self.by_budget()}): "
                 f"{names}; {meaning}")
 
-    def working_budgets(self) -> list[float]:
-        """The budgets at which no looped run is idle, smallest first."""
+    def _budgets(self) -> list[tuple[float, pd.DataFrame]]:
+        """The measured looped runs per budget, smallest first; none when no run knows its budget."""
         m = self.measured
         if m["compute"].isna().all():
             return []
-        return [float(c) for c, g in m.groupby("compute", sort=True) if not g["idle"].any()]
+        return [(float(c), g) for c, g in m.groupby("compute", sort=True)]
+
+    def working_budgets(self) -> list[float]:
+        """The budgets at which no looped run is idle, smallest first."""
+        return [c for c, g in self._budgets() if not g["idle"].any()]
 
     def by_budget(self) -> str:
         """Idle / measured looped runs per budget: loops often switch on only in the longer runs."""
-        m = self.measured
-        if m["compute"].isna().all():
-            return "budgets unknown"
-        parts = [f"C={c:.3g}: {int(g['idle'].sum())}/{len(g)} idle" for c, g in m.groupby("compute", sort=True)]
-        return ", ".join(parts)
+        parts = [f"C={c:.3g}: {int(g['idle'].sum())}/{len(g)} idle" for c, g in self._budgets()]
+        return ", ".join(parts) if parts else "budgets unknown"
 
     def line(self) -> str:
         m = self.measured

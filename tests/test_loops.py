@@ -105,8 +105,8 @@ def test_the_warning_says_at_which_budgets_the_r_axis_measures_recurrence():
     """As in the default sweep: the largest budget's loops all work, the short cooldown branches' do not."""
     rows = pd.DataFrame({"run_id": list("abcdef"), "name": list("abcdef"), "r": [4, 8, 4, 8, 4, 4],
                          "compute": [1e11, 1e11, 1e12, 1e12, 1e12, 1e12], "d_model": 16,
-                         "tokens": [1e3, 1e3, 1e4, 1e4, 1e4, 1e4], "lr": 0.01, "injection": "additive", "status": "completed",
-                         "val_loss": [4.0, 4.0, 3.8, 3.8, 3.8, 3.82],
+                         "tokens": [1e3, 1e3, 1e4, 1e4, 1e4, 1e4], "lr": 0.01, "injection": "additive",
+                         "status": "completed", "val_loss": [4.0, 4.0, 3.8, 3.8, 3.8, 3.82],
                          "seed": [0, 0, 0, 0, 1, 2], "variant": ["x"] * 4 + ["seed_noise"] * 2})
     fitted = rows[rows["variant"] == "x"].assign(loss_r1=[4.001, 4.2, 4.3, 4.5])
     check = check_loops(fitted, store_frame=rows)
