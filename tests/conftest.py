@@ -42,6 +42,16 @@ def ray_local(request):
         yield temp_dir
 
 
+@pytest.fixture(scope="module")
+def ray_for_sweeps():
+    """One private Ray for a module's in-process sweeps, dashboard on as the sweep's own (tuning.sweep): run_sweep uses
+    the Ray this process has instead of starting and stopping one per call."""
+    from training.ray_session import ray_session
+
+    with ray_session("local", num_cpus=2, dashboard=True, log_to_driver=False) as temp_dir:
+        yield temp_dir
+
+
 # The study's sizes per budget (arXiv 2604.21106, shells/scaling_laws/scaling_laws.sh): 116 runs with r in {1,2,4,8}.
 STUDY_SIZES = {4.64e17: [6, 8, 10, 12], 1.0e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
                4.64e18: [10, 12, 14, 16, 18, 20], 1.0e19: [12, 16, 18, 20, 24], 2.15e19: [18, 24, 28, 34]}

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -47,7 +48,15 @@ def tiny_spec(storage: Path, **changes) -> dict:
 
 @pytest.fixture(autouse=True)
 def local_ray_only(monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the sweep must start its own private local Ray
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the sweep's driver subprocess must start its own local Ray
+
+
+def no_ray_needed(monkeypatch):
+    """From here on a sweep that would bring up Ray fails: what it has to do needs no trial."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sweep started Ray with nothing to train")
+
+    monkeypatch.setattr("tuning.sweep.ray_session", refuse)
 
 
 def rows(store: Path) -> dict[str, dict]:
@@ -56,7 +65,7 @@ def rows(store: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
+def test_lr_search_prunes_then_grid_runs_every_cell_once(ray_for_sweeps, tmp_path, monkeypatch):
     store = tmp_path / "store"
     # Two workable LRs first, then one far too small: the median pruner stops it once two trials have finished.
     search = {"trials": 3, "low": 1.0e-5, "high": 3.0e-2, "enqueue": [1.0e-2, 3.0e-3, 1.0e-5], "pruner": "median",
@@ -92,7 +101,8 @@ def test_lr_search_prunes_then_grid_runs_every_cell_once(tmp_path):
     assert stored[run_id]["finished_at"] == search_rows[run_id]["finished_at"]
     assert search_rows[run_id]["variant"] == "lr_search" and stored[run_id]["variant"] == "baseline"
 
-    # Rerunning the same spec trains nothing: the study has its trials, the store has every cell.
+    # Rerunning the same spec trains nothing, without Ray: the study has its trials, the store has every cell.
+    no_ray_needed(monkeypatch)
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))}
     again = run_sweep(spec, num_cpus=2, fit=False)
     assert again["best_lr"] == result["best_lr"] and again["counts"] == {"completed": 2}
@@ -141,7 +151,7 @@ def _ray_left(sid: int, temp_dir: str, patience: float = 60) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_training_twice(tmp_path):
+def test_killed_driver_resumes_without_training_twice(ray_for_sweeps, tmp_path, monkeypatch):
     """Multi-horizon (wsd) runs: each r trains once to the larger budget with the smaller one as a cooldown branch.
     The driver is SIGKILLed after one run finished and the other has checkpointed past its branch: the rerun keeps
     what was stored, resumes the interrupted run (its branch comes back from the checkpoint), writes every row
@@ -201,6 +211,7 @@ def test_killed_driver_resumes_without_training_twice(tmp_path):
     assert branch["tokens"] < after[branch["parent_run_id"]]["tokens"] and branch["budget_compute"] == small
     assert 0 < branch["compute_spent"] < branch["compute"]  # only its cooldown was extra
 
+    no_ray_needed(monkeypatch)
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(store / "runs" / "*.parquet"))}
     log = io.StringIO()
     assert run_sweep(spec, num_cpus=2, fit=False, out=log)["counts"] == {"completed": 4}
@@ -225,7 +236,8 @@ def test_fit_stage_writes_the_law_next_to_the_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing(tmp_path, monkeypatch):
+def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing(ray_for_sweeps, tmp_path,
+                                                                                  monkeypatch):
     """A truncated run file and a junk .parquet file: the rerun names both, moves them to runs/_quarantine/ and
     trains exactly the cell whose row was lost. Then the code grows a defaulted field in the model, optimizer and
     run configs: a rerun finds every cell under its old id and trains nothing."""
@@ -267,6 +279,7 @@ def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing
     monkeypatch.setattr(tuning.grid, "RunConfig", grown(training.config.RunConfig, "new_setting", ()))
     cells = expand(absolute_storage(spec))
     assert all(hasattr(c.run, "new_setting") and c.run.optim.recipe == "adamw" for c in cells)
+    no_ray_needed(monkeypatch)
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(str(runs / "*.parquet"))}
     log = io.StringIO()
     assert run_sweep(spec, num_cpus=2, fit=False, out=log)["counts"] == {"completed": 2}
@@ -275,14 +288,18 @@ def test_an_unreadable_run_file_costs_only_its_cell_and_an_upgrade_costs_nothing
 
 
 @pytest.mark.slow
-def test_a_diverging_cell_is_recorded_as_diverged(tmp_path):
-    """The grid stops nothing itself: training's guard ends a diverging run, and the sweep keeps its row."""
+def test_a_diverging_cell_is_recorded_as_diverged(ray_for_sweeps, tmp_path):
+    """The grid stops nothing itself: training's guard ends a diverging run (both ranks of a two-worker ZeRO-2 group
+    stop together), and the sweep keeps its row, NaN loss and the reason included."""
     store = tmp_path / "store"
-    recipe = {**tiny_spec(store)["recipe"], "optim": {"grad_clip": 0.0}}
+    recipe = {**tiny_spec(store)["recipe"], "micro_batch": 4, "optim": {"grad_clip": 0.0}}
     spec = SweepSpec.from_dict(tiny_spec(store, budgets=[{"compute": 1.5e10, "widths": [32]}], r=[2],
-                                         recipe=recipe, lr={"rule": "fixed", "value": 1.0e4}))
+                                         recipe=recipe, lr={"rule": "fixed", "value": 1.0e4},
+                                         resources={"num_workers": 2, "cpus_per_worker": 0.9, "zero_stage": 2,
+                                                    "trial_cpus": 0.1}))
     result = run_sweep(spec, num_cpus=2, fit=False)
     assert result["counts"] == {"diverged": 1}
     (row,) = rows(store).values()
     assert row["status"] == "diverged" and row["lr"] == 1.0e4
     assert row["steps"] < expand(absolute_storage(spec))[0].run.steps  # stopped early
+    assert math.isnan(row["val_loss"]) and "loss" in row["error"]

@@ -183,8 +183,9 @@ class AdaptiveSearcher(Searcher):
 
 
 def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None,
-                   trainable=None) -> tuple[dict[str, int], dict]:
-    """Run the adaptive sweep to its stop; returns (run counts by status, the stop report). Raises SweepInterrupted
+                   trainable=None, connect=lambda: None) -> tuple[dict[str, int], dict]:
+    """Run the adaptive sweep to its stop (`connect()` brings up Ray first when it has not stopped already); returns
+    (run counts by status, the stop report). Raises SweepInterrupted
     when `interrupt` (tuning.interrupt) fires: the store keeps what finished, and a rerun carries on."""
     cells = candidate_cells(spec, plan)
     planner = AdaptivePlanner.from_store(spec, cells)
@@ -193,6 +194,7 @@ def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None
           f"({planner.spent_flops:.3g} FLOPs); stop at phi +-{a.target_phi_halfwidth:g} (95%, at the current fit) or "
           f"{a.max_flops:.3g} FLOPs; first {a.initial_runs} runs planned at the {a.prior} law", file=out, flush=True)
     if not planner.stopped:
+        connect()
         progress = Progress("adaptive", total=len(cells), skipped=len(planner.rows), out=out)
         tuner = tune.Tuner(
             _trainable(spec, trainable),

@@ -17,6 +17,7 @@ once; see tuning.interrupt). Attaches to RAY_ADDRESS when set, else starts a pri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -71,9 +72,10 @@ def absolute_storage(spec: SweepSpec) -> SweepSpec:
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
 # ---- stage 1: LR search ---------------------------------------------------------------------------------------------
-def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None) -> float:
-    """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR.
-    Raises SweepInterrupted when `interrupt` fires, leaving no trial of the study RUNNING."""
+def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None, connect=lambda: None) -> float:
+    """Run the Optuna LR search to its trial budget (continuing the stored study) and return the best LR; `connect()`
+    brings up Ray first when a trial is left to run. Raises SweepInterrupted when `interrupt` fires, leaving no
+    trial of the study RUNNING."""
     s = spec.lr.search
     if "://" not in spec.storage:
         Path(spec.storage).mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,7 @@ def lr_stage(spec: SweepSpec, out=sys.stdout, interrupt: Interrupt | None = None
           f"cell d_model={base.model.d_model} r={base.model.r} C={base.compute:.3g}, LR in [{s.low:g}, {s.high:g}], "
           f"pruner {s.pruner}", file=out, flush=True)
     if remaining > 0:
+        connect()
         # Rounded as the grid's transferred LRs are, so the search cell at the best LR has the run id of its grid
         # cell and is reused rather than trained again.
         bridge = OptunaBridge(study, suggest=lambda t: {"lr": round_lr(t.suggest_float("lr", s.low, s.high,
@@ -170,9 +173,9 @@ def reuse_search_runs(spec: SweepSpec, cells: list[Cell], stored: dict[str, str]
 
 
 def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: Interrupt | None = None,
-               trainable=None) -> dict[str, int]:
-    """Train every cell not yet in the store; returns the cells' counts by stored status ("missing": no row).
-    Raises SweepInterrupted when `interrupt` fires."""
+               trainable=None, connect=lambda: None) -> dict[str, int]:
+    """Train every cell not yet in the store (`connect()` brings up Ray first when there is one); returns the cells'
+    counts by stored status ("missing": no row). Raises SweepInterrupted when `interrupt` fires."""
     stored = stored_status(spec.storage)
     report_quarantined(spec.storage, out)
     if spec.lr.rule == "tuned":
@@ -183,6 +186,7 @@ def grid_stage(spec: SweepSpec, cells: list[Cell], out=sys.stdout, interrupt: In
     print(f"grid: {len(cells)} cells, {skipped} already in the store, {len(todo)} to run in {len(runs)} trials",
           file=out, flush=True)
     if todo:
+        connect()
         progress = Progress("grid", total=len(cells), skipped=skipped, out=out)
         tuner = tune.Tuner(
             _trainable(spec, trainable),
@@ -406,18 +410,27 @@ def _run_locked(spec: SweepSpec, cells: list[Cell], lock: Any, *, num_cpus, fit,
 
         trial_progress.store_error_hook = on_store_error
         try:
-            with ray_session(num_cpus=num_cpus, dashboard=True, log_to_driver=worker_logs):
-                interrupt.reinstall()
-                best = lr_stage(spec, out, interrupt) if spec.lr.rule == "tuned" else None
+            # Ray comes up when a stage has a trial to run: a rerun of a finished sweep refits without starting it.
+            with contextlib.ExitStack() as ray_up:
+                started: list[bool] = []
+
+                def connect() -> None:
+                    if not started:
+                        ray_up.enter_context(ray_session(num_cpus=num_cpus, dashboard=True,
+                                                         log_to_driver=worker_logs))
+                        interrupt.reinstall()
+                        started.append(True)
+
+                best = lr_stage(spec, out, interrupt, connect) if spec.lr.rule == "tuned" else None
                 plan: LRPlan = lr_plan(spec, best)
                 if best is not None:
                     print(f"lr: best {best:.4g} at d_model={plan.d_ref}; grid LR = best * (d_ref/d)^"
                           f"{spec.lr.transfer.width_exponent:g}", file=out, flush=True)
                 cells = expand(spec, plan)
                 if spec.adaptive is not None:
-                    counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable)
+                    counts, adaptive = adaptive_stage(spec, plan, out, interrupt, trainable, connect)
                 else:
-                    counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable), None
+                    counts, adaptive = grid_stage(spec, cells, out, interrupt, trainable, connect), None
                 if counts.get("missing", 0) or counts.get("failed", 0):
                     check_store("grid")
         except SweepInterrupted as exc:
