@@ -123,6 +123,8 @@ def _kill_worker_after_checkpoint(run_dir: Path, step: int, killed: dict, deadli
 
 @pytest.mark.slow
 def test_truncated_newest_checkpoint_resumes_from_the_older_one(ray_local, tmp_path):
+    """A run failed beyond max_failures is recorded as failed; run again, it resumes from its newest readable
+    checkpoint (the newest one is truncated) and replaces the failed row."""
     from training.config import RunConfig
     from training.run import execute
 
@@ -140,7 +142,8 @@ def test_truncated_newest_checkpoint_resumes_from_the_older_one(ray_local, tmp_p
     killer.start()
     row = execute(cfg)  # max_failures 0: the killed worker fails the run, its checkpoints stay
     killer.join(timeout=1)
-    assert killed and row["status"] == "failed", row
+    assert killed and row["status"] == "failed" and row["error"], row
+    assert results_store.read_run(str(tmp_path), cfg.run_id)["status"] == "failed"  # recorded, to be retried
     # The checkpoints Ray Train registered (a newer folder may exist, cut short by the kill before it was registered:
     # never a candidate); the newest registered one truncated, as a write cut short leaves it.
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
@@ -149,9 +152,11 @@ def test_truncated_newest_checkpoint_resumes_from_the_older_one(ray_local, tmp_p
     newest = run_dir / registered[-1] / DS_TAG / "mp_rank_00_model_states.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
+    # A failure is the infrastructure's, not a result: executing again trains (resuming) and replaces the row.
     row = execute(cfg)
     assert row["status"] == "completed", row.get("error")
     assert row["restarts"] == 1 and row["steps"] == 16
+    assert [r["status"] for r in results_store.read_runs(str(tmp_path)).to_pylist()] == ["completed"]
     curve = results_store.read_curve(str(tmp_path), cfg.run_id).to_pandas()
     assert curve.step.tolist() == [0, 4, 8, 12, 16]
     (moved,) = (run_dir / QUARANTINE).glob(f"{registered[-1]}.*")

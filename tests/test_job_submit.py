@@ -261,7 +261,8 @@ def test_trivial_job_runs_on_two_nodes(cluster, tmp_path):
     assert len(set(ids)) == 2 and set(ids) <= alive, (ids, alive)
 
 
-# Eight cells (2 budgets x 2 widths x r in {1, 2}): the fewest that identify the looped law's six coefficients.
+# Eight cells (2 budgets x 2 widths x r in {1, 2}): the fewest that identify the looped law's six coefficients, from
+# four trained runs (wsd: each (width, r) trains to the larger budget, the smaller one a cooldown branch of it).
 # Each trial holds 1.6 CPUs (a 0.1 trainable + one 1.5-CPU Train worker), so a 2-CPU node fits one trial at a
 # time and `concurrency: auto` (4 CPUs / 1.6 = 2) runs two at once: they can only run on different nodes.
 SWEEP_SPEC = textwrap.dedent(
@@ -284,14 +285,15 @@ SWEEP_SPEC = textwrap.dedent(
       spike_factor: 4.0
       max_failures: 1
       checkpoint_every: 50
-      optim: {embed_lr_mult: 10.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, grad_clip: 1.0, final_lr_frac: 0.1}
+      optim: {embed_lr_mult: 10.0, weight_decay: 0.0, beta1: 0.9, beta2: 0.95, grad_clip: 1.0, final_lr_frac: 0.1,
+              schedule: wsd, cooldown_frac: 0.2}
     lr: {rule: fixed, value: 3.0e-3}
     resources: {num_workers: 1, cpus_per_worker: 1.5, gpus_per_worker: 0, zero_stage: 0, trial_cpus: 0.1}
     concurrency: auto
     fit: {bootstrap: 20, seed: 0}
     """
 )
-N_CELLS = 8
+N_CELLS, N_TRAINED = 8, 4
 
 
 def _scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -342,12 +344,14 @@ def test_sweep_job_on_two_nodes(cluster, tmp_path):
     # Trials trained on more than one node: the Train workers this job created, by node.
     workers = [a for a in cluster.actors() if a["class_name"] == "RayTrainWorker" and a["actor_id"] not in before]
     nodes = {a["node_id"] for a in workers}
-    assert len(workers) >= N_CELLS and len(nodes) >= 2, [(a["node_id"][:8], a["state"]) for a in workers]
+    assert len(workers) >= N_TRAINED and len(nodes) >= 2, [(a["node_id"][:8], a["state"]) for a in workers]
 
-    # One row per cell, all trained to completion.
+    # One row per cell, all trained to completion; the smaller budget's rows are branches of the larger one's runs.
     runs = pd.read_parquet(store / "runs")
     assert len(runs) == N_CELLS and runs["run_id"].is_unique, runs[["run_id", "status"]]
     assert set(runs["status"]) == {"completed"}, runs[["run_id", "status", "error"]]
+    trained = runs[runs["parent_run_id"].isna()]
+    assert len(trained) == N_TRAINED and set(runs["parent_run_id"].dropna()) == set(trained["run_id"])
     assert sorted(runs["r"].unique()) == [1, 2]
     # The plugin's exact parameters and FLOPs in every row (r = 1 has no loop, so no injection).
     sys.path.append(str(work))
@@ -361,8 +365,8 @@ def test_sweep_job_on_two_nodes(cluster, tmp_path):
         assert (row.n_rec, row.flops_per_token) == (param_counts(model).n_rec, flops_per_token(model))
         assert row.injection == ("userloops.gated:Gated" if row.r > 1 else model.injection)
 
-    # TensorBoard events per run, read back with TensorBoard's own reader.
-    for run_id in runs["run_id"]:
+    # TensorBoard events per trained run, read back with TensorBoard's own reader.
+    for run_id in trained["run_id"]:
         run_dir = store / "tensorboard" / run_id
         assert list(run_dir.glob("events.out.tfevents.*")), run_dir
         scalars = _scalars(run_dir)
