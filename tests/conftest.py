@@ -1,33 +1,6 @@
 """Shared fixtures. Each test module that needs Ray gets its own private local Ray in its own temp dir, stopped with
 the module (training.ray_session; never `ray stop`, which would kill every Ray on the machine)."""
-import os
-import sys
-
 import pytest
-
-_exit_status = None
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session, exitstatus):
-    global _exit_status
-    _exit_status = int(exitstatus)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_unconfigure(config):
-    """End the test process with pytest's exit status once pytest is done, skipping the interpreter's finalisation.
-
-    The suite loads Ray's core worker, DeepSpeed, gloo and Inductor's compile workers into this process. In CI the
-    process once died of SIGSEGV (exit 139) after printing "325 passed", while those native libraries were torn down
-    in whatever order the interpreter's exit happened to take, and CI read a green suite as a failure. Nothing a test
-    decides happens after this point: the results, the summary and pytest's cache are written, every Ray a test
-    started has been stopped by its fixture, and the private Rays' guards see this process end as any other exit."""
-    if _exit_status is None:  # pytest ended before a session ran (usage error, collection-only plugin runs)
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(_exit_status)
 
 
 @pytest.fixture(scope="module")
