@@ -158,7 +158,7 @@ def test_killed_driver_resumes_without_training_twice(ray_for_sweeps, tmp_path, 
     what was stored, resumes the interrupted run (its branch comes back from the checkpoint), writes every row
     exactly once, and a third run trains nothing."""
     store = tmp_path / "store"
-    recipe = {**tiny_spec(store)["recipe"], "checkpoint_every": 4, "optim": {"schedule": "wsd", "cooldown_frac": 0.2}}
+    recipe = {**tiny_spec(store)["recipe"], "checkpoint_every": 8, "optim": {"schedule": "wsd", "cooldown_frac": 0.2}}
     spec_dict = tiny_spec(store, concurrency=1, recipe=recipe)
     cells = expand(absolute_storage(SweepSpec.from_dict(spec_dict)))
     small = min(c.compute for c in cells)
