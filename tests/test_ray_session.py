@@ -25,7 +25,6 @@ def test_private_ray_sets_trains_local_settings_and_restores_the_drivers(monkeyp
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     assert PRIVATE_TRAIN_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
-    assert PRIVATE_TRAIN_ENV["RAY_TRAIN_METRICS_ENABLED"] == "0"
 
 
 @pytest.mark.slow

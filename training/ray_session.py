@@ -79,13 +79,10 @@ def _start_guard(temp_dir: str) -> subprocess.Popen:
 
 # Ray Train on a private Ray (one machine: the laptop sweep, a single run, the tests), where a run trains for
 # seconds and Train's own actors cost as much: the controller polls its workers every 0.5 s instead of 2 s (a finished
-# run waited 4.8 s for fit() to return, 2026-12-06), no preemption watcher (one more actor process per run, for
-# the drain notices of cloud nodes a private Ray does not have), and no Train metrics export (Prometheus gauges for
-# a metrics stack a private Ray does not run; our scalars go to TensorBoard): 2 of the 18 CPU-seconds an 8-step run
-# cost on 2 cores (2026-12-06). Train reads these in the process that builds the TorchTrainer (the driver, or a Tune
-# trial) and hands them to its controller; a value the user set wins.
-PRIVATE_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                     "RAY_TRAIN_METRICS_ENABLED": "0"}
+# run waited 4.8 s for fit() to return, 2026-12-06), and no preemption watcher (one more actor process per run, for
+# the drain notices of cloud nodes a private Ray does not have). Train reads both in the process that builds the
+# TorchTrainer (the driver, or a Tune trial) and hands them to its controller; a value the user set wins.
+PRIVATE_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @contextlib.contextmanager
