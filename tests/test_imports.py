@@ -113,6 +113,12 @@ for name in json.loads(sys.argv[3]):
 """
 
 
+def _failed_alone(stdout: str) -> list[list[str]]:
+    """[module, last line of its error] for every child of ALONE that failed."""
+    marker = "FAILED ALONE "
+    return [json.loads(line[len(marker):]) for line in stdout.splitlines() if line.startswith(marker)]
+
+
 def _third_party() -> list[str]:
     """Every third-party module the project imports (submodules named by `from X import Y` included)."""
     found = set()
@@ -132,8 +138,7 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", ALONE, json.dumps(_third_party()), json.dumps(PACKAGES),
                            json.dumps(sorted(MODULES))], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    failures = [": ".join(json.loads(line[len("FAILED ALONE "):])) for line in proc.stdout.splitlines()
-                if line.startswith("FAILED ALONE ")]
+    failures = [": ".join(failed) for failed in _failed_alone(proc.stdout)]
     assert not failures, "\n".join(failures)
 
 
@@ -147,6 +152,5 @@ def test_a_module_that_fails_alone_is_named(tmp_path):
     proc = subprocess.run([sys.executable, "-c", ALONE, json.dumps(["torch"]), json.dumps(["cyc"]),
                            json.dumps(["cyc", "cyc.a", "cyc.b"])], capture_output=True, text=True, cwd=tmp_path,
                           timeout=300)
-    failed = [json.loads(line[len("FAILED ALONE "):]) for line in proc.stdout.splitlines()
-              if line.startswith("FAILED ALONE ")]
+    failed = _failed_alone(proc.stdout)
     assert [name for name, _ in failed] == ["cyc.a", "cyc.b"] and all("partially initialized" in e for _, e in failed)

@@ -185,8 +185,8 @@ class AdaptiveSearcher(Searcher):
 def adaptive_stage(spec: SweepSpec, plan: LRPlan, out=sys.stdout, interrupt=None,
                    trainable=None, connect=lambda: None) -> tuple[dict[str, int], dict]:
     """Run the adaptive sweep to its stop (`connect()` brings up Ray first when it has not stopped already); returns
-    (run counts by status, the stop report). Raises SweepInterrupted
-    when `interrupt` (tuning.interrupt) fires: the store keeps what finished, and a rerun carries on."""
+    (run counts by status, the stop report). Raises SweepInterrupted when `interrupt` (tuning.interrupt) fires: the
+    store keeps what finished, and a rerun carries on."""
     cells = candidate_cells(spec, plan)
     planner = AdaptivePlanner.from_store(spec, cells)
     a = spec.adaptive
