@@ -73,6 +73,10 @@ class LoopbackCluster:
             # `ray job stop` sends SIGTERM, then SIGKILL after this long (default 3 s): time for a clean stop on a
             # loaded CI machine.
             RAY_JOB_STOP_WAIT_TIME_S="120",
+            # Train's controller polls as a private Ray's does (training.ray_session.PRIVATE_TRAIN_ENV): every
+            # report waits for the next poll, and at Train's 2 s default these seconds-long runs spend most of their
+            # time waiting. Set on the nodes, so the job's driver and its trials inherit it, as an operator would.
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
         )
         return env
 
@@ -272,8 +276,8 @@ SWEEP_SPEC = textwrap.dedent(
     data: default
     model: {family: tiny, vocab_size: 1024, seq_len: 128, head_dim: 16}
     budgets:
+      - {compute: 5.0e10, widths: [32, 64]}
       - {compute: 1.0e11, widths: [32, 64]}
-      - {compute: 2.0e11, widths: [32, 64]}
     r: [1, 2]
     variants: {baseline: {}}
     recipe:
@@ -281,7 +285,7 @@ SWEEP_SPEC = textwrap.dedent(
       micro_batch: 16
       seed: 0
       eval_every: 10
-      val_tokens: 8192
+      val_tokens: 4096
       spike_factor: 4.0
       max_failures: 1
       checkpoint_every: 50
