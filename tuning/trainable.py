@@ -1,33 +1,56 @@
 """The Tune function trainable of one sweep cell: build and fit the cell's TorchTrainer, forward its reports.
 
 Ray 2.60 runs Train V2, which refuses `Tuner(TorchTrainer)`; so each Tune trial is this small driver function
-(a fraction of a CPU) that calls training.run.execute, with TuneReportCallback relaying the Train workers'
-metrics (step, val_loss, train_loss, diverged, done, ...) to Tune for progress and pruning. A cell already in
-the results store returns its row without training (execute's own check), so a relaunched trial never trains twice.
+(a fraction of a CPU) that calls training.run.execute while a relay thread forwards the Train workers' reports
+(step, val_loss, train_loss, diverged, ...) to Tune for progress and pruning. A cell already in the results store
+returns its row without training (execute's own check), so a relaunched trial never trains twice.
+
+Why not Ray's `TuneReportCallback`: it hands each report to the trial's main thread, which then puts it on the
+same one-slot queue that this function's own `tune.report` fills. When a Train report is still waiting in the relay
+queue as the function reports its final result, the main thread blocks putting into a queue only it empties: the
+trial hangs forever (seen 2026-12-07 in the two-node job test once Train's controller polled every 0.1 s; py-spy:
+the main thread in `_TrainSession._report_training_result` under `_get_result_from_queues`, the function thread in
+the same `Queue.put`). Here every report reaches Tune from a thread other than the main one, which stays the
+queue's only reader, and the relay is drained before the final report.
 """
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from typing import Any
 
+import ray.train
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Empty, Queue
 
 from training.config import RunConfig
-
 
 def cell_payload(run: Any, *, r: int, label: str) -> dict[str, Any]:
     """What a trial's config carries: the RunConfig as a dict plus labels the progress line reads."""
     return {"run": run.to_dict(), "run_id": run.run_id, "r": r, "label": label}
 
 
-class SweepReportCallback(TuneReportCallback):
-    """TuneReportCallback, except that the Train loop's `done` key travels as `train_done`: Tune reads a truthy
-    `done` in a result as "trial finished" and would stop the trainable before execute() writes the run's row."""
+class ReportRelay(ray.train.UserCallback):
+    """Runs in the Train controller: puts each report's metrics (rank 0's) on a queue actor the trial reads.
 
-    def after_report(self, run_context, metrics, checkpoint):
-        renamed = [{("train_done" if k == "done" else k): v for k, v in m.items()} for m in metrics]
-        super().after_report(run_context, renamed, checkpoint)
+    The Train loop's `done` key travels as `train_done`: Tune reads a truthy `done` in a result as "trial finished"
+    and would stop the trainable before execute() writes the run's row."""
+
+    def __init__(self) -> None:
+        self.queue = Queue(actor_options={"num_cpus": 0})  # unbounded: the controller never waits on Tune
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.queue.put({("train_done" if k == "done" else k): v for k, v in metrics[0].items()})
+
+    def forward(self, stop: threading.Event) -> None:
+        """In the trial, off its main thread: hand every queued report to Tune until `stop` is set and none is left."""
+        while True:
+            try:
+                tune.report(self.queue.get(timeout=0.1))
+            except (Empty, queue.Empty):
+                if stop.is_set():
+                    return
 
 
 def run_cell(config: dict[str, Any]) -> None:
@@ -40,7 +63,15 @@ def run_cell(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(cell["run"])
     if "lr" in config:  # the LR search stage: the searcher's suggestion
         cfg = cfg.replace(optim={"lr": float(config["lr"])})
-    row = execute(cfg, callbacks=[SweepReportCallback()])
+    relay, stop = ReportRelay(), threading.Event()
+    forwarder = threading.Thread(target=relay.forward, args=(stop,), name="report-relay", daemon=True)
+    forwarder.start()
+    try:
+        row = execute(cfg, callbacks=[relay])
+    finally:
+        stop.set()
+    forwarder.join()  # every Train report is in the queue once fit() returns: Tune has them all before the last
+    relay.queue.shutdown()
     val = row.get("val_loss")
     tune.report({
         "final": 1, "train_done": 1, "status": row["status"], "run_id": row["run_id"], "step": int(row["steps"]),
