@@ -73,6 +73,16 @@ def test_micro_batch_steps_with_width():
         expand(SweepSpec.from_dict(small_spec(recipe={"batch_tokens": 1024, "micro_batch": {48: 8}})))
 
 
+def test_recipe_compile_reaches_every_run_and_keeps_its_id():
+    """torch.compile is how a run executes, not what it measures: a stored eager run stays found."""
+    eager = expand(SweepSpec.from_dict(small_spec()))
+    compiled = expand(SweepSpec.from_dict(small_spec(recipe={**small_spec()["recipe"], "compile": True})))
+    assert {c.run.compile for c in compiled} == {True} and {c.run.compile for c in eager} == {None}
+    assert [c.run_id for c in compiled] == [c.run_id for c in eager]
+    with pytest.raises(ValueError, match="compile"):
+        expand(SweepSpec.from_dict(small_spec(recipe={**small_spec()["recipe"], "compile": "yes"})))
+
+
 def test_quick_config_fits_two_cores():
     spec = SweepSpec.from_yaml(CONFIGS / "quick.yaml")
     cells = validate(spec)

@@ -18,7 +18,7 @@ PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 LR_RULES = ("fixed", "tuned")
 # Keys of the training recipe a spec may set; the sweep owns model, budget, storage, resources and labels.
 RECIPE_KEYS = ("optim", "batch_tokens", "micro_batch", "seed", "eval_every", "val_tokens", "spike_factor",
-               "max_failures", "checkpoint_every", "eval_depths")
+               "max_failures", "checkpoint_every", "eval_depths", "compile")
 
 
 def _mapping(name: str, value: Any, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
