@@ -88,6 +88,7 @@ COVERAGE_SEEDS = 50
 MIN_COVERED = int(stats.binom.ppf(FALSE_FAILURE, COVERAGE_SEEDS, 0.90))
 
 
+@pytest.mark.slow  # 50 joint fits: 39-48 s
 def test_delta_phi_interval_covers_zero_when_the_variants_are_alike():
     assert stats.binom.cdf(MIN_COVERED - 1, COVERAGE_SEEDS, 0.90) < FALSE_FAILURE
     covered, estimates = 0, []

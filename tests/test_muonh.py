@@ -205,6 +205,7 @@ def zero_histories(tmp_path_factory):
     return torch.load(out / "history.pt")
 
 
+@pytest.mark.slow  # four ZeRO stages on two spawned DeepSpeed processes: 47-58 s, a third of the quick loop's time
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_muonh_under_zero_matches_the_full_matrix_reference(zero_histories, stage):
     cfg = muonh_run(zero_stage=stage)
