@@ -16,7 +16,6 @@ queue's only reader, and the relay is drained before the final report.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from typing import Any
 
@@ -25,6 +24,7 @@ from ray import tune
 from ray.util.queue import Empty, Queue
 
 from training.config import RunConfig
+
 
 def cell_payload(run: Any, *, r: int, label: str) -> dict[str, Any]:
     """What a trial's config carries: the RunConfig as a dict plus labels the progress line reads."""
@@ -48,7 +48,7 @@ class ReportRelay(ray.train.UserCallback):
         while True:
             try:
                 tune.report(self.queue.get(timeout=0.1))
-            except (Empty, queue.Empty):
+            except Empty:  # ray.util.queue's, a queue.Empty
                 if stop.is_set():
                     return
 
