@@ -244,24 +244,3 @@ def test_muonh_under_zero_matches_the_full_matrix_reference(zero_histories, stag
 def test_muonh_resumes_exactly_from_a_deepspeed_checkpoint(zero_histories):
     for name, w in zero_histories["resumed"][-1].items():
         assert torch.equal(w, zero_histories[2][-1][name]), name
-
-
-# ---- the recipe end to end: one small run on Ray Train + DeepSpeed ZeRO-2 ---------------------------------------
-
-@pytest.mark.slow
-def test_muonh_run_trains_under_ray(ray_local, tmp_path):
-    from training import results_store
-    from training.run import execute
-
-    cfg = RunConfig.from_dict({
-        "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
-        "optim": {"optimizer": "muonh", "lr": 0.014},
-        "budget": {"tokens": 1024 * 40}, "batch_tokens": 1024, "micro_batch": 4, "zero_stage": 2,
-        "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "eval_every": 10, "checkpoint_every": 40, "val_tokens": 2048, "max_failures": 0,
-        "storage": str(tmp_path), "name": "muonh",
-    })
-    row = execute(cfg)
-    assert row["status"] == "completed", row.get("error")
-    curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
-    assert row["val_loss"] < curve.val_loss.iloc[0] - 0.5, curve.val_loss.tolist()

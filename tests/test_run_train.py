@@ -1,4 +1,5 @@
-"""End to end on a real local Ray cluster with real DeepSpeed (CPU, gloo): train, record, resume, diverge."""
+"""End to end on a real local Ray cluster with real DeepSpeed (CPU, gloo): train, record, resume, diverge, and the
+test-time depth table."""
 import math
 import os
 import signal
@@ -25,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(storage, **changes) -> RunConfig:
     cfg = RunConfig.from_dict({
-        "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
+        "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512,
+                  "injection": "diagonal"},
         "optim": {"lr": 3e-3, "embed_lr_mult": 10.0},
         "budget": {"tokens": 1024 * 40}, "batch_tokens": 1024, "micro_batch": 4, "zero_stage": 2,
         "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
         "eval_every": 10, "checkpoint_every": 10, "val_tokens": 2048, "max_failures": 1,
-        "storage": str(storage), "name": "test",
+        "eval_depths": [1, 3, 4, 6], "storage": str(storage), "name": "test",
     })
     return cfg.replace(**changes)
 
@@ -83,6 +85,19 @@ def test_tensorboard_scalars(baseline):
                if s % cfg.log_every == 0 or s % cfg.eval_every == 0 or s % cfg.checkpoint_every == 0]
     assert [e.step for e in acc.Scalars("train/loss")] == flushes
     assert len(acc.Scalars("loop/state_rms/r2")) == len(flushes) + 1  # at every eval, the untrained one included
+
+
+def test_a_trained_looped_run_stores_its_depth_table(baseline):
+    """Test-time depth: one depth row per evaluation r, and the loss at the trained r is the run's final loss."""
+    cfg, row = baseline
+    depths = results_store.read_depths(cfg.storage, cfg.run_id).to_pandas()
+    assert depths["eval_r"].tolist() == [1, 2, 3, 4, 6]  # the trained r joins the asked-for depths
+    assert (depths["trained_r"] == 2).all() and (depths["run_id"] == cfg.run_id).all()
+    at_trained = depths.set_index("eval_r").loc[2]
+    # same validation batches, same all-reduced mean: the trained depth reproduces the final loss
+    assert at_trained["val_loss"] == pytest.approx(row["val_loss"], rel=1e-6)
+    assert at_trained["val_bpb"] == pytest.approx(row["val_bpb"], rel=1e-6)
+    assert all(math.isfinite(v) for v in depths["val_loss"]) and (depths["seconds"] > 0).all()
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -189,3 +204,21 @@ def test_branch_rows_are_written_once_and_survive_a_killed_worker(ray_local, tmp
         assert stored.step == step and stored.model().embed.weight.shape == (512, 64)
     again = execute(cfg)
     assert again["finished_at"] == row["finished_at"] and len(pd.read_parquet(f"{cfg.storage}/runs")) == 2
+
+
+def test_muonh_run_trains_under_ray(ray_local, tmp_path):
+    """The study's recipe (MuonH, tests/test_muonh.py) end to end: one small run on Ray Train + DeepSpeed ZeRO-2."""
+    from training.run import execute
+
+    cfg = RunConfig.from_dict({
+        "model": {"family": "tiny", "r": 2, "d_model": 64, "seq_len": 64, "vocab_size": 512},
+        "optim": {"optimizer": "muonh", "lr": 0.014},
+        "budget": {"tokens": 1024 * 40}, "batch_tokens": 1024, "micro_batch": 4, "zero_stage": 2,
+        "resources": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "eval_every": 10, "checkpoint_every": 40, "val_tokens": 2048, "max_failures": 0,
+        "storage": str(tmp_path), "name": "muonh",
+    })
+    row = execute(cfg)
+    assert row["status"] == "completed", row.get("error")
+    curve = results_store.read_curve(cfg.storage, cfg.run_id).to_pandas()
+    assert row["val_loss"] < curve.val_loss.iloc[0] - 0.5, curve.val_loss.tolist()

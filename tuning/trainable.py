@@ -21,7 +21,7 @@ from typing import Any
 
 import ray.train
 from ray import tune
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 
 from training.config import RunConfig
 
@@ -37,20 +37,24 @@ class ReportRelay(ray.train.UserCallback):
     The Train loop's `done` key travels as `train_done`: Tune reads a truthy `done` in a result as "trial finished"
     and would stop the trainable before execute() writes the run's row."""
 
+    END = None  # what `close` queues after the last report
+
     def __init__(self) -> None:
         self.queue = Queue(actor_options={"num_cpus": 0})  # unbounded: the controller never waits on Tune
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         self.queue.put({("train_done" if k == "done" else k): v for k, v in metrics[0].items()})
 
-    def forward(self, stop: threading.Event) -> None:
-        """In the trial, off its main thread: hand every queued report to Tune until `stop` is set and none is left."""
-        while True:
-            try:
-                tune.report(self.queue.get(timeout=0.1))
-            except Empty:  # ray.util.queue's, a queue.Empty
-                if stop.is_set():
-                    return
+    def forward(self) -> None:
+        """In the trial, off its main thread: hand every queued report to Tune until `close`'s marker. One blocking
+        get per report: polling with a 0.1 s timeout kept the queue actor at 4.4% of a core and the trial at 1.6%
+        for the whole run, each of the two concurrent trials of the laptop sweep (2026-12-07, this machine)."""
+        while (metrics := self.queue.get()) is not self.END:
+            tune.report(metrics)
+
+    def close(self) -> None:
+        """After fit() has returned, when every report is on the queue: ends `forward` once it has passed them on."""
+        self.queue.put(self.END)
 
 
 def run_cell(config: dict[str, Any]) -> None:
@@ -63,13 +67,13 @@ def run_cell(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(cell["run"])
     if "lr" in config:  # the LR search stage: the searcher's suggestion
         cfg = cfg.replace(optim={"lr": float(config["lr"])})
-    relay, stop = ReportRelay(), threading.Event()
-    forwarder = threading.Thread(target=relay.forward, args=(stop,), name="report-relay", daemon=True)
+    relay = ReportRelay()
+    forwarder = threading.Thread(target=relay.forward, name="report-relay", daemon=True)
     forwarder.start()
     try:
         row = execute(cfg, callbacks=[relay])
     finally:
-        stop.set()
+        relay.close()
     forwarder.join()  # every Train report is in the queue once fit() returns: Tune has them all before the last
     relay.queue.shutdown()
     val = row.get("val_loss")
